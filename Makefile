@@ -1,0 +1,35 @@
+# Two commands a new user needs: `make demo` (or `make bench`) to run, `make test` to test.
+# Everything installs into .venv; a venv that already has torch keeps it, otherwise torch
+# comes from the CPU build so a CPU-only machine never downloads CUDA wheels.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.sinklora-installed
+
+.PHONY: install test test-gpu demo bench clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(VPY) setup.py
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install "torch==2.13.*"
+	$(VPY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+# The whole suite compiled on a CUDA GPU (bf16 included); never the interpreter.
+test-gpu: $(STAMP)
+	TRITON_INTERPRET=0 $(VPY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VPY) -m sinklora.demo
+
+bench: $(STAMP)
+	$(VPY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

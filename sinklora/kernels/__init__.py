@@ -1,0 +1,1 @@
+"""Triton kernels and their launch helpers only (no autograd, no transformers)."""

@@ -1,0 +1,35 @@
+"""Dense SF-Attn reference: an explicit boolean mask and a float64 softmax.
+
+For tests and documentation only: it builds ``[Hq, N, N]``, which is exactly what the rest of
+the package exists to avoid.
+"""
+import torch
+
+from .params import check_args
+from .pattern import plain
+
+
+def dense_mask(p, device=None):
+    """``[Hq, N, N]`` bool: ``mask[h, i, j]`` is True when query ``i`` of head ``h`` sees key ``j``."""
+    i = torch.arange(p.seq_len, device=device)[:, None]
+    j = torch.arange(p.seq_len, device=device)[None, :]
+    masks = []
+    for h in range(p.num_heads):
+        shift = p.shift(h)
+        masks.append(
+            plain.visible(i, j, p.group_size, shift, p.num_sink, p.wrap_from(shift), p.seq_len)
+        )
+    return torch.stack(masks)
+
+
+def sf_attention_reference(q, k, v, *, group_size, num_sink=4, shift_heads=None, mode="sf",
+                           softmax_scale=None):
+    """SF-Attn computed densely in float64; returns float64 ``[B, Hq, N, D]``."""
+    p = check_args(q, k, v, group_size, num_sink, shift_heads, mode, softmax_scale)
+    rep = p.num_heads // p.num_kv_heads
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    k64 = k64.repeat_interleave(rep, dim=1)
+    v64 = v64.repeat_interleave(rep, dim=1)
+    scores = (q64 @ k64.transpose(-1, -2)) * p.softmax_scale
+    scores = scores.masked_fill(~dense_mask(p, q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v64

@@ -1,0 +1,29 @@
+"""Decides once, before triton is imported, whether kernels compile (CUDA) or run under
+Triton's CPU interpreter. Tests take `device` and `dtypes` from here."""
+import os
+import zlib
+
+import pytest
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
+
+import torch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
+# The interpreter computes bf16 loads, stores and dots wrongly, so bf16 runs only compiled.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16])
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh random data per test, but reproducible from the test id when one fails.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
