@@ -21,6 +21,7 @@ separate loops without counting a key twice:
 import types
 
 import triton
+import triton.language as tl  # noqa: F401  the interpreter patches jit functions through it
 
 
 @triton.jit

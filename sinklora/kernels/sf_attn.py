@@ -1,0 +1,496 @@
+"""SF-Attn forward and backward as Triton kernels.
+
+Math (per batch ``b``, query head ``h``, kv head ``g = h // (Hq // Hkv)``)::
+
+    s_ij = softmax_scale * <q_i, k_j>          for keys j visible to query i (pattern.py)
+    p_ij = exp(s_ij - lse_i),  lse_i = log sum_j exp(s_ij)
+    o_i  = sum_j p_ij v_j
+
+    delta_i = <do_i, o_i>
+    dv_j = sum_i p_ij do_i
+    ds_ij = p_ij (<do_i, v_j> - delta_i)
+    dq_i = softmax_scale * sum_j ds_ij k_j,    dk_j = softmax_scale * sum_i ds_ij q_i
+
+The softmax runs in base 2 with ``softmax_scale * log2(e)`` folded into the scores; the row
+log-sum-exp is saved in base 2 for the backward pass. Accumulation is fp32.
+
+The visible keys of a query are three disjoint parts (pattern.py), each walked by its own loop
+so that only the blocks holding visible keys are touched:
+
+- sink keys ``[0, min(num_sink, group_start))`` in a small block of their own (``BLOCK_S``);
+- the query's own group, causal: key blocks strictly inside the group and below the diagonal
+  are loaded and multiplied without any mask; only the group-edge and diagonal blocks are
+  masked;
+- ``"s2"`` only: the wrapped keys ``[N - G/2, N)`` of the first half-group of a shifted head.
+
+Backward: ``dq`` is computed per query block over the same parts as the forward pass. ``dk``
+and ``dv`` are computed per key block and kv head, looping over the query heads that share it
+(GQA: nothing of size ``Hq`` is materialized for them) and over the query blocks of the key
+block's group. Sink keys are read by every query, so their ``dk``/``dv`` come from the ``dq``
+programs: each writes its partial sums for the sink block, and the partials are reduced
+afterwards. No program walks all N queries.
+
+q/k/v/do may have any strides (transformers hands over transposed views); nothing is copied.
+Batch/head offsets are 64-bit.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..sf_attn.pattern import group_end, group_start, head_shift, in_group, in_sink, in_wrap, wrap_start
+
+LOG2E = 1.4426950408889634
+
+# Which part of the pattern a loop walks; selects the mask inside the shared block helpers.
+FULL, GROUP, SINK, WRAP = 0, 1, 2, 3
+
+
+@triton.jit
+def _part_mask(PART: tl.constexpr, i, j, group_size, shift, num_sink, wrap_from, n):
+    if PART == GROUP:
+        mask = in_group(i, j, group_size, shift)
+    elif PART == SINK:
+        mask = in_sink(i, j, group_size, shift, num_sink)
+    else:
+        mask = in_wrap(i, j, shift, wrap_from, n)
+    return mask
+
+
+@triton.jit
+def _query_block_ranges(m0, n, group_size, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges of query block ``[m0, m0 + BLOCK_M)``: sink end, then the group's masked /
+    unmasked / masked key ranges (``lo..a`` masked, ``b..c`` full, ``d..hi`` masked)."""
+    m_last = tl.minimum(m0 + BLOCK_M, n) - 1
+    gs_first = group_start(m0, group_size, shift)
+    gs_last = group_start(m_last, group_size, shift)
+    lo = gs_first // BLOCK_N * BLOCK_N
+    hi = m_last + 1
+    full_lo = tl.cdiv(gs_last, BLOCK_N) * BLOCK_N
+    full_hi = (m0 + 1) // BLOCK_N * BLOCK_N
+    return gs_last, lo, tl.minimum(full_lo, hi), full_lo, full_hi, tl.maximum(full_hi, full_lo), hi
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, stop, offs_m, offs_d,
+              n, group_size, shift, num_sink, wrap_from, qk_scale,
+              PART: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_n in range(start, stop, BLOCK_K):
+        offs_n = start_n + tl.arange(0, BLOCK_K)
+        if PART == FULL:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+        else:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                         mask=offs_n[None, :] < n, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+                        mask=offs_n[:, None] < n, other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        if PART != FULL:
+            mask = _part_mask(PART, offs_m[:, None], offs_n[None, :], group_size, shift, num_sink,
+                              wrap_from, n)
+            s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row may have no visible key in this block yet: keep exp2 away from (-inf) - (-inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _sf_attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    n, num_heads, kv_group, shift_heads, group_size, num_sink, is_s2, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    g = (h // kv_group).to(tl.int64)
+    shift = head_shift(h, num_heads, shift_heads, group_size)
+    wrap_from = wrap_start(shift, n, is_s2)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h.to(tl.int64) * stride_qh
+                + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < n, other=0.0)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    gs_last, lo, a, full_lo, full_hi, d, hi = _query_block_ranges(
+        m0, n, group_size, shift, BLOCK_M, BLOCK_N)
+    sink_end = tl.minimum(num_sink, gs_last)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, sink_end,
+                              offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                              SINK, BLOCK_S, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, a,
+                              offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                              GROUP, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo,
+                              full_hi, offs_m, offs_d, n, group_size, shift, num_sink, wrap_from,
+                              qk_scale, FULL, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, d, hi,
+                              offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                              GROUP, BLOCK_N, DOT_PRECISION)
+    if m0 < shift:
+        acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                                  wrap_from, n, offs_m, offs_d, n, group_size, shift, num_sink,
+                                  wrap_from, qk_scale, WRAP, BLOCK_N, DOT_PRECISION)
+
+    # Every real row sees at least itself, so l_i > 0 there; rows past n are not stored.
+    o = acc / l_i[:, None]
+    row_ok = offs_m < n
+    tl.store(O + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on
+             + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * n + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh,
+                      stride_don, n, num_heads, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < n
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=row_ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                 + offs_d[None, :], mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * n + offs_m, tl.sum(o * do, 1), mask=offs_m < n)
+
+
+@triton.jit
+def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start, stop, offs_m,
+             offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+             sink_dk_base, sink_dv_base, PART: tl.constexpr, BLOCK_K: tl.constexpr,
+             HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_n in range(start, stop, BLOCK_K):
+        offs_n = start_n + tl.arange(0, BLOCK_K)
+        if PART == FULL:
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                        mask=offs_n[:, None] < n, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+                        mask=offs_n[:, None] < n, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if PART != FULL:
+            mask = _part_mask(PART, offs_m[:, None], offs_n[None, :], group_size, shift, num_sink,
+                              wrap_from, n)
+            p = tl.where(mask, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        if PART == SINK:
+            # This query block's share of the sink keys' dk/dv; reduced over blocks on the host.
+            offs_s = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.store(sink_dv_base + offs_s,
+                     tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION))
+            tl.store(sink_dk_base + offs_s,
+                     tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION))
+    return dq
+
+
+@triton.jit
+def _sf_attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, SINK_DK, SINK_DV,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    n, num_heads, kv_group, shift_heads, group_size, num_sink, is_s2, qk_scale, sink_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    m0 = pid_m * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    g = (h // kv_group).to(tl.int64)
+    shift = head_shift(h, num_heads, shift_heads, group_size)
+    wrap_from = wrap_start(shift, n, is_s2)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < n
+    q = tl.load(Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qn
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_don
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * n + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * n + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    # Sink partials: [B * Hq, num_query_blocks, sink_rows, HEAD_DIM] fp32, zero-initialized.
+    sink_off = (bh.to(tl.int64) * tl.num_programs(0) + pid_m) * sink_rows * HEAD_DIM
+    sink_dk_base = SINK_DK + sink_off
+    sink_dv_base = SINK_DV + sink_off
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    gs_last, lo, a, full_lo, full_hi, d, hi = _query_block_ranges(
+        m0, n, group_size, shift, BLOCK_M, BLOCK_N)
+    sink_end = tl.minimum(num_sink, gs_last)
+    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, 0, sink_end,
+                  offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                  sink_dk_base, sink_dv_base, SINK, BLOCK_S, HEAD_DIM, DOT_PRECISION)
+    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, a,
+                  offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                  sink_dk_base, sink_dv_base, GROUP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi,
+                  offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                  sink_dk_base, sink_dv_base, FULL, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, d, hi,
+                  offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                  sink_dk_base, sink_dv_base, GROUP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+    if m0 < shift:
+        dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, wrap_from, n,
+                      offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                      sink_dk_base, sink_dv_base, WRAP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+    tl.store(DQ + b * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqn
+             + offs_d[None, :], (dq * (qk_scale / 1.4426950408889634)).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
+               start, stop, offs_n, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+               PART: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_m in range(start, stop, BLOCK_Q):
+        offs_m = start_m + tl.arange(0, BLOCK_Q)
+        if PART == FULL:
+            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :])
+            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :])
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        else:
+            row_ok = offs_m < n
+            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        # Transposed scores: rows are keys, columns are queries.
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if PART != FULL:
+            mask = _part_mask(PART, offs_m[None, :], offs_n[:, None], group_size, shift, num_sink,
+                              wrap_from, n) & (offs_m[None, :] < n)
+            pt = tl.where(mask, pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _sf_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    n, num_heads, num_kv_heads, kv_group, shift_heads, group_size, num_sink, is_s2, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    n0 = tl.program_id(0) * BLOCK_N
+    bg = tl.program_id(1)
+    b = (bg // num_kv_heads).to(tl.int64)
+    g = (bg % num_kv_heads).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n[:, None] < n
+    k = tl.load(K + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=key_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=key_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    n_last = tl.minimum(n0 + BLOCK_N, n) - 1
+
+    for h in range(g * kv_group, (g + 1) * kv_group):
+        shift = head_shift(h, num_heads, shift_heads, group_size)
+        wrap_from = wrap_start(shift, n, is_s2)
+        bh = b * num_heads + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LSE + bh * n
+        delta_base = DELTA + bh * n
+        # Queries that see these keys through their group: from the first key to the end of the
+        # last key's group. Query blocks past the last key and inside the first key's group see
+        # every key of the block, unmasked.
+        lo = n0 // BLOCK_M * BLOCK_M
+        hi = group_end(n_last, group_size, shift, n)
+        full_lo = tl.cdiv(n_last, BLOCK_M) * BLOCK_M
+        full_hi = group_end(n0, group_size, shift, n) // BLOCK_M * BLOCK_M
+        dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
+                            stride_don, lo, tl.minimum(full_lo, hi), offs_n, offs_d, n,
+                            group_size, shift, num_sink, wrap_from, qk_scale, GROUP, BLOCK_M,
+                            DOT_PRECISION)
+        dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
+                            stride_don, full_lo, full_hi, offs_n, offs_d, n,
+                            group_size, shift, num_sink, wrap_from, qk_scale, FULL, BLOCK_M,
+                            DOT_PRECISION)
+        dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
+                            stride_don, tl.maximum(full_hi, full_lo), hi, offs_n, offs_d, n,
+                            group_size, shift, num_sink, wrap_from, qk_scale, GROUP, BLOCK_M,
+                            DOT_PRECISION)
+        if n_last >= wrap_from:
+            dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
+                                stride_don, 0, shift, offs_n, offs_d, n, group_size, shift,
+                                num_sink, wrap_from, qk_scale, WRAP, BLOCK_M, DOT_PRECISION)
+
+    # dk: d s / d k = softmax_scale * q, and qk_scale = softmax_scale * log2(e).
+    tl.store(DK + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             (dk * (qk_scale / 1.4426950408889634)).to(DK.dtype.element_ty), mask=key_ok)
+    tl.store(DV + b * stride_dvb + g * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _blocks(head_dim):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward and dq passes; the dk/dv pass
+    uses the same tiles with the roles swapped."""
+    if _interpreted():
+        return 16, 16, 1, 1  # small tiles exercise the block-edge logic at test sizes
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    if head_dim <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 8, 2
+
+
+def _sink_block(num_sink):
+    return max(16, min(64, triton.next_power_of_2(max(num_sink, 1))))
+
+
+def _dot_precision(dtype):
+    # fp32 inputs get true fp32 products (no silent TF32 rounding); 16-bit inputs take the default.
+    return "ieee" if dtype == torch.float32 else None
+
+
+def new_output(shape, dtype, device):
+    """Allocates a kernel output; tests replace it to poison outputs before the kernel writes."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _strides3(t):
+    assert t.stride(3) == 1, "head dim must be contiguous"
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def sf_attn_forward(q, k, v, group_size, num_sink, shift_heads, is_s2, softmax_scale):
+    """Returns ``(o, lse)``: o like q (contiguous), lse ``[B, Hq, N]`` fp32 in base 2."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    bsz, num_heads, n, head_dim = q.shape
+    block_m, block_n, num_warps, num_stages = _blocks(head_dim)
+    o = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((bsz, num_heads, n), torch.float32, q.device)
+    grid = (triton.cdiv(n, block_m), bsz * num_heads)
+    _sf_attn_fwd_kernel[grid](
+        q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
+        n, num_heads, num_heads // k.shape[1], shift_heads, group_size, num_sink, int(is_s2),
+        softmax_scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=_sink_block(num_sink),
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+    return o, lse
+
+
+def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_s2,
+                     softmax_scale):
+    """Returns ``(dq, dk, dv)`` shaped like q, k, v."""
+    do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
+    bsz, num_heads, n, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    kv_group = num_heads // num_kv_heads
+    block_m, block_n, num_warps, num_stages = _blocks(head_dim)
+    qk_scale = softmax_scale * LOG2E
+    precision = _dot_precision(q.dtype)
+
+    delta = new_output((bsz, num_heads, n), torch.float32, q.device)
+    _bwd_delta_kernel[(triton.cdiv(n, block_m), bsz * num_heads)](
+        o, do, delta, *_strides3(o), *_strides3(do), n, num_heads,
+        HEAD_DIM=head_dim, BLOCK_M=block_m,
+    )
+
+    block_s = _sink_block(num_sink)
+    sink_rows = triton.cdiv(num_sink, block_s) * block_s
+    num_q_blocks = triton.cdiv(n, block_m)
+    sink_dk = torch.zeros((bsz, num_heads, num_q_blocks, sink_rows, head_dim),
+                          dtype=torch.float32, device=q.device)
+    sink_dv = torch.zeros_like(sink_dk)
+    dq = new_output(q.shape, q.dtype, q.device)
+    _sf_attn_bwd_dq_kernel[(num_q_blocks, bsz * num_heads)](
+        q, k, v, do, lse, delta, dq, sink_dk, sink_dv,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
+        n, num_heads, kv_group, shift_heads, group_size, num_sink, int(is_s2), qk_scale,
+        sink_rows,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s,
+        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+    )
+
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    # Roles swap: a program owns a key block (BLOCK_N rows of k) and walks query tiles.
+    _sf_attn_bwd_dkdv_kernel[(triton.cdiv(n, block_m), bsz * num_kv_heads)](
+        q, k, v, do, lse, delta, dk, dv,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk),
+        *_strides3(dv),
+        n, num_heads, num_kv_heads, kv_group, shift_heads, group_size, num_sink, int(is_s2),
+        qk_scale,
+        HEAD_DIM=head_dim, BLOCK_N=block_m, BLOCK_M=block_n,
+        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+    )
+
+    if num_sink > 0:
+        rows = min(num_sink, n)
+        sink_dk = sink_dk.view(bsz, num_kv_heads, -1, sink_rows, head_dim).sum(2)[:, :, :rows]
+        sink_dv = sink_dv.view(bsz, num_kv_heads, -1, sink_rows, head_dim).sum(2)[:, :, :rows]
+        dk[:, :, :rows] = (dk[:, :, :rows].float() + softmax_scale * sink_dk).to(dk.dtype)
+        dv[:, :, :rows] = (dv[:, :, :rows].float() + sink_dv).to(dv.dtype)
+    return dq, dk, dv

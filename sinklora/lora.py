@@ -1,0 +1,110 @@
+"""LongLoRA's context-extension recipe: the LoRA setup and linear RoPE position interpolation."""
+import math
+
+from peft import LoraConfig
+from transformers import PreTrainedConfig
+
+from .sf_attn.params import _int_arg
+
+# LongLoRA trains LoRA on the attention projections plus, in full, every parameter whose name
+# contains "embed" or "norm" (its --trainable_params "embed,norm"). peft's modules_to_save
+# matches module names by suffix, so "norm" covers input_layernorm, post_attention_layernorm
+# and the final norm.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+TRAINABLE_MODULES = ("embed_tokens", "norm")
+
+
+def lora_config(r=8, alpha=16, *, dropout=0.05, target_modules=LORA_TARGETS,
+                trainable_modules=TRAINABLE_MODULES, **kwargs):
+    """LongLoRA's LoRA recipe as a ``peft.LoraConfig`` for ``peft.get_peft_model``.
+
+    LoRA of rank ``r`` (8) and scale ``alpha`` (16) on ``q_proj, k_proj, v_proj, o_proj``;
+    the embeddings and all norms trained in full and saved with the adapter
+    (``modules_to_save``), which LongLoRA found necessary for context extension. Causal-LM task,
+    no bias training, LoRA dropout 0.05 as in LongLoRA's scripts.
+
+    Args:
+        r: LoRA rank, int >= 1.
+        alpha: LoRA alpha (the update is scaled by ``alpha / r``), positive number.
+        dropout: dropout on the LoRA input, in ``[0, 1)``.
+        target_modules: module name suffixes that get LoRA.
+        trainable_modules: module name suffixes trained in full (``modules_to_save``).
+        **kwargs: passed on to ``LoraConfig``.
+    """
+    r = _int_arg("r", r)
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite positive number, got {alpha}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"dropout must be a float, got {type(dropout).__name__}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    for name, names in (("target_modules", target_modules),
+                        ("trainable_modules", trainable_modules)):
+        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+            raise TypeError(f"{name} must be a sequence of module names, got {names!r}")
+    if not target_modules:
+        raise ValueError("target_modules must name at least one module")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=list(target_modules),
+                      modules_to_save=list(trainable_modules) or None,
+                      bias="none", task_type="CAUSAL_LM", **kwargs)
+
+
+def extend_context(model_or_config, max_length):
+    """Linear RoPE scaling (position interpolation) so the model covers ``max_length`` tokens.
+
+    Sets ``rope_parameters`` (transformers 5.x; ``rope_scaling`` is its legacy alias) to
+    ``{"rope_type": "linear", "factor": ceil(max_length / original)}`` keeping ``rope_theta``,
+    and ``max_position_embeddings = original * factor``, where ``original`` is the model's
+    pretraining context (``max_position_embeddings`` before any earlier ``extend_context``).
+    A factor of 1 (``max_length <= original``) leaves positions as they were. Given a model,
+    its rotary embedding modules are rebuilt from the new config, since they computed their
+    frequencies when created.
+
+    Args:
+        model_or_config: a transformers model (or peft model) or its config, with default or
+            linear RoPE (other RoPE types, such as Llama 3's, raise ``ValueError``).
+        max_length: the training / inference context to reach, int >= 1.
+
+    Returns:
+        the scaling factor (int).
+    """
+    max_length = _int_arg("max_length", max_length)
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    model = None if isinstance(model_or_config, PreTrainedConfig) else model_or_config
+    config = model_or_config if model is None else getattr(model, "config", None)
+    if not isinstance(config, PreTrainedConfig):
+        raise TypeError(f"model_or_config must be a transformers model or config, "
+                        f"got {type(model_or_config).__name__}")
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or "rope_type" not in rope:
+        raise ValueError(f"model_or_config has no single RoPE setting (rope_parameters={rope!r})")
+    if rope["rope_type"] == "default":
+        original = config.max_position_embeddings
+    elif rope["rope_type"] == "linear":
+        original = round(config.max_position_embeddings / rope["factor"])
+    else:
+        raise ValueError(f"extend_context supports default or linear RoPE, this model_or_config "
+                         f"uses rope_type={rope['rope_type']!r}")
+    factor = max(1, math.ceil(max_length / original))
+    new_rope = {k: v for k, v in rope.items() if k not in ("rope_type", "factor")}
+    config.rope_parameters = ({"rope_type": "default", **new_rope} if factor == 1 else
+                              {"rope_type": "linear", "factor": float(factor), **new_rope})
+    config.max_position_embeddings = original * factor
+    if model is not None:
+        _rebuild_rotary_embeddings(model)
+    return factor
+
+
+def _rebuild_rotary_embeddings(model):
+    for name, module in list(model.named_modules()):
+        if not (type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq")):
+            continue
+        fresh = type(module)(module.config).to(module.inv_freq.device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
