@@ -211,10 +211,13 @@ def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start,
         if PART == SINK:
             # This query block's share of the sink keys' dk/dv; reduced over blocks on the host.
             offs_s = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+            is_sink = offs_n[:, None] < num_sink
             tl.store(sink_dv_base + offs_s,
-                     tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION))
+                     tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION),
+                     mask=is_sink)
             tl.store(sink_dk_base + offs_s,
-                     tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION))
+                     tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION),
+                     mask=is_sink)
     return dq
 
 
@@ -226,7 +229,7 @@ def _sf_attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
-    n, num_heads, kv_group, shift_heads, group_size, num_sink, is_s2, qk_scale, sink_rows,
+    n, num_heads, kv_group, shift_heads, group_size, num_sink, is_s2, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -250,8 +253,8 @@ def _sf_attn_bwd_dq_kernel(
     delta = tl.load(DELTA + bh.to(tl.int64) * n + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
-    # Sink partials: [B * Hq, num_query_blocks, sink_rows, HEAD_DIM] fp32, zero-initialized.
-    sink_off = (bh.to(tl.int64) * tl.num_programs(0) + pid_m) * sink_rows * HEAD_DIM
+    # Sink partials: [B * Hq, num_query_blocks, num_sink, HEAD_DIM] fp32, zero-initialized.
+    sink_off = (bh.to(tl.int64) * tl.num_programs(0) + pid_m) * num_sink * HEAD_DIM
     sink_dk_base = SINK_DK + sink_off
     sink_dv_base = SINK_DV + sink_off
 
@@ -458,10 +461,9 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
         HEAD_DIM=head_dim, BLOCK_M=block_m,
     )
 
-    block_s = _sink_block(num_sink)
-    sink_rows = triton.cdiv(num_sink, block_s) * block_s
     num_q_blocks = triton.cdiv(n, block_m)
-    sink_dk = torch.zeros((bsz, num_heads, num_q_blocks, sink_rows, head_dim),
+    # At least one row: a zero-size CUDA tensor has a null pointer, which launchers refuse.
+    sink_dk = torch.zeros((bsz, num_heads, num_q_blocks, max(num_sink, 1), head_dim),
                           dtype=torch.float32, device=q.device)
     sink_dv = torch.zeros_like(sink_dk)
     dq = new_output(q.shape, q.dtype, q.device)
@@ -469,8 +471,7 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
         q, k, v, do, lse, delta, dq, sink_dk, sink_dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
         n, num_heads, kv_group, shift_heads, group_size, num_sink, int(is_s2), qk_scale,
-        sink_rows,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=_sink_block(num_sink),
         DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -489,8 +490,8 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
 
     if num_sink > 0:
         rows = min(num_sink, n)
-        sink_dk = sink_dk.view(bsz, num_kv_heads, -1, sink_rows, head_dim).sum(2)[:, :, :rows]
-        sink_dv = sink_dv.view(bsz, num_kv_heads, -1, sink_rows, head_dim).sum(2)[:, :, :rows]
+        sink_dk = sink_dk.view(bsz, num_kv_heads, -1, num_sink, head_dim).sum(2)[:, :, :rows]
+        sink_dv = sink_dv.view(bsz, num_kv_heads, -1, num_sink, head_dim).sum(2)[:, :, :rows]
         dk[:, :, :rows] = (dk[:, :, :rows].float() + softmax_scale * sink_dk).to(dk.dtype)
         dv[:, :, :rows] = (dv[:, :, :rows].float() + sink_dv).to(dv.dtype)
     return dq, dk, dv

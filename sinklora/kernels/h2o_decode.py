@@ -1,0 +1,330 @@
+"""H2O decode: one new token per sequence, attention + score update + eviction, two launches.
+
+The math (per sequence ``b`` and key/value head ``g``; ``R = Hq / Hkv`` query heads read ``g``).
+The layer stores ``L`` entries ``(k_j, v_j, pos_j, acc_j)``, ``pos_j = -1`` marks a pad. The new
+token brings ``(k_new, v_new)`` as entry ``L``; let ``T`` be the real tokens seen including it,
+so its position is ``T - 1`` (``-1`` when the new token itself is a pad).
+
+    s_rj  = scale * q_r . k_j                     (-inf where pos_j < 0: pads are never attended)
+    lse_r = log sum_j exp(s_rj)
+    o_r   = sum_j exp(s_rj - lse_r) v_j           the attention output
+    acc_j += sum_r exp(s_rj - lse_r)              per kv head: summed over its query heads
+
+If ``L == budget`` one entry leaves: the victim is the candidate with the smallest key
+
+    key_j = (real_j, acc_j, pos_j if real_j else slot_j)      lexicographic,
+
+where candidates are the entries that are not protected (``0 <= pos_j < num_sink`` or
+``pos_j >= T - recent_budget``): pads go first, then the smallest score, ties to the smallest
+position. The new entry is written into the victim's slot (or dropped if it is the victim);
+with ``L < budget`` it goes to slot ``L``. Attention does not depend on the order of entries
+(keys carry their own RoPE), so slots are reused in place and nothing is compacted.
+
+The kernels (flash-decoding): the ``L + 1`` entries are cut into ``S`` chunks of whole blocks;
+the grid is ``(B * Hkv, S)`` in both launches, so batch 1 with a 32k budget still fills the GPU.
+
+1. ``_decode_partial``: program ``(bg, s)`` loads the ``R`` queries of head ``g`` once (GQA
+   without expanding k/v), runs an online softmax over its chunk (the last chunk also takes the
+   new entry, read straight from the new k/v), and writes its partial ``(m, l, o)`` plus the
+   raw logits ``s_rj`` (base 2) to scratch: ``R * 4`` bytes per entry instead of re-reading the
+   key (``2 * D`` bytes) once ``lse`` is known. Program ``(b, 0, 0)`` also advances the
+   sequence's real-token counter ``T``.
+2. ``_decode_update``: program ``(bg, s)`` merges the ``S`` partials into ``lse`` (and, for
+   ``s == 0``, the output), adds the probabilities of its chunk to ``acc`` and finds its chunk's
+   smallest eviction key. The keys pack into one int64,
+   ``real << 62 | float_bits(acc) << 31 | (pos or slot)``, whose integer order is the
+   lexicographic order above because a non-negative float's bits order like the float. The
+   last program of ``bg`` to finish (an atomic ticket) takes the minimum over the chunks and
+   writes the new entry into the victim's slot.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64
+# Eviction key of an entry that may not leave (protected, or past the chunk), and "no slot".
+NOT_A_CANDIDATE = tl.constexpr(2**63 - 1)
+NO_SLOT = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def _eviction_key(pos, acc, slot, next_pos, recent_budget, num_sink):
+    """The packed eviction key of entries (smaller leaves first); protected -> int64 max."""
+    real = pos >= 0
+    protected = real & ((pos < num_sink) | (pos >= next_pos - recent_budget))
+    acc_bits = acc.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(real, (1 << 62) | (acc_bits << 31) | pos.to(tl.int64), slot.to(tl.int64))
+    return tl.where(protected, NOT_A_CANDIDATE, key)
+
+
+@triton.jit
+def _decode_partial(
+    Q, K_NEW, V_NEW, K, V, POS, NEW_REAL, NEXT_POS, LOGITS, PART_M, PART_L, PART_O,
+    stride_qb, stride_qh, stride_qd,
+    stride_knb, stride_knh, stride_knd,
+    stride_vnb, stride_vnh, stride_vnd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_ph, stride_pn,
+    stride_lg, stride_lr,
+    length, chunk, qk_scale,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_NEW_REAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    bg = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b = bg // NUM_KV_HEADS
+    g = bg % NUM_KV_HEADS
+    r = tl.arange(0, GROUP_P)
+    d = tl.arange(0, HEAD_DIM_P)
+    r_ok = r < GROUP
+    d_ok = d < HEAD_DIM
+
+    q = tl.load(Q + b * stride_qb + (g * GROUP + r)[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_P], tl.float32)
+    o_i = tl.zeros([GROUP_P, HEAD_DIM_P], tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    pos_base = POS + b * stride_pb + g * stride_ph
+    logit_base = LOGITS + bg * stride_lg + r * stride_lr
+
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)
+    for start in range(lo, hi, BLOCK):
+        n = start + tl.arange(0, BLOCK)
+        n_ok = n < hi
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+        pos = tl.load(pos_base + n * stride_pn, mask=n_ok, other=-1)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where((pos >= 0)[None, :], s, float("-inf"))
+        tl.store(logit_base[:, None] + n[None, :], s, mask=r_ok[:, None] & n_ok[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        v = tl.load(v_base + n[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        o_i = o_i * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if split == num_splits - 1:
+        # The new entry (index ``length``) comes from the new k/v, not from storage.
+        k_new = tl.load(K_NEW + b * stride_knb + g * stride_knh + d * stride_knd, mask=d_ok, other=0.0)
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
+        if HAS_NEW_REAL:
+            s_new = tl.where(tl.load(NEW_REAL + b) != 0, s_new, float("-inf"))
+        tl.store(logit_base + length, s_new, mask=r_ok)
+        m_new = tl.maximum(m_i, s_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p_new = tl.exp2(s_new - m_safe)
+        v_new = tl.load(V_NEW + b * stride_vnb + g * stride_vnh + d * stride_vnd, mask=d_ok, other=0.0)
+        l_i = l_i * alpha + p_new
+        o_i = o_i * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+        m_i = m_new
+
+    if (g == 0) & (split == 0):
+        # T counts real tokens; the update kernel (stream-ordered after this one) reads it.
+        step = 1
+        if HAS_NEW_REAL:
+            step = (tl.load(NEW_REAL + b) != 0).to(tl.int64)
+        tl.store(NEXT_POS + b, tl.load(NEXT_POS + b) + step)
+
+    part = bg * num_splits + split
+    tl.store(PART_M + part * GROUP_P + r, m_i)
+    tl.store(PART_L + part * GROUP_P + r, l_i)
+    tl.store(PART_O + (part * GROUP_P + r)[:, None] * HEAD_DIM_P + d[None, :], o_i)
+
+
+@triton.jit
+def _decode_update(
+    OUT, K_NEW, V_NEW, K, V, POS, SCORES, NEW_REAL, NEXT_POS,
+    LOGITS, PART_M, PART_L, PART_O, CAND_KEY, CAND_SLOT, NEW_ACC, TICKETS,
+    stride_ob, stride_oh, stride_od,
+    stride_knb, stride_knh, stride_knd,
+    stride_vnb, stride_vnh, stride_vnd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_ph, stride_pn,
+    stride_sb, stride_sh, stride_sn,
+    stride_lg, stride_lr,
+    length, chunk, budget, recent_budget, num_sink,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr,
+    SPLITS_P: tl.constexpr, HAS_NEW_REAL: tl.constexpr,
+):
+    bg = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b = bg // NUM_KV_HEADS
+    g = bg % NUM_KV_HEADS
+    r = tl.arange(0, GROUP_P)
+    d = tl.arange(0, HEAD_DIM_P)
+    r_ok = r < GROUP
+    d_ok = d < HEAD_DIM
+
+    # Merge the chunks' (m, l) into the row log-sum-exp (base 2); every program needs it.
+    sp = tl.arange(0, SPLITS_P)
+    part_rows = (bg * num_splits + sp)[:, None] * GROUP_P + r[None, :]
+    sp_ok = (sp < num_splits)[:, None]
+    part_m = tl.load(PART_M + part_rows, mask=sp_ok, other=float("-inf"))
+    part_l = tl.load(PART_L + part_rows, mask=sp_ok, other=0.0)
+    m = tl.max(part_m, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.sum(part_l * tl.exp2(part_m - m_safe[None, :]), 0)
+    lse = tl.where(l_sum > 0, m_safe + tl.log2(l_sum), float("inf"))
+
+    if split == 0:
+        o = tl.zeros([GROUP_P, HEAD_DIM_P], tl.float32)
+        for i in range(0, num_splits):
+            row = (bg * num_splits + i) * GROUP_P + r
+            w = tl.exp2(tl.load(PART_M + row) - m_safe)
+            o += tl.load(PART_O + row[:, None] * HEAD_DIM_P + d[None, :]) * w[:, None]
+        o = o / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+        tl.store(OUT + b * stride_ob + (g * GROUP + r)[:, None] * stride_oh + d[None, :] * stride_od,
+                 o.to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+
+    next_pos = tl.load(NEXT_POS + b)
+    new_pos = next_pos - 1
+    if HAS_NEW_REAL:
+        new_pos = tl.where(tl.load(NEW_REAL + b) != 0, new_pos, -1)
+    logit_base = LOGITS + bg * stride_lg + r * stride_lr
+    pos_base = POS + b * stride_pb + g * stride_ph
+    score_base = SCORES + b * stride_sb + g * stride_sh
+
+    best_key = tl.full([], NOT_A_CANDIDATE, tl.int64)
+    best_slot = tl.full([], 0, tl.int32)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)
+    for start in range(lo, hi, BLOCK):
+        n = start + tl.arange(0, BLOCK)
+        n_ok = n < hi
+        s = tl.load(logit_base[:, None] + n[None, :], mask=r_ok[:, None] & n_ok[None, :],
+                    other=float("-inf"))
+        acc = tl.load(score_base + n * stride_sn, mask=n_ok, other=0.0)
+        acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
+        tl.store(score_base + n * stride_sn, acc, mask=n_ok)
+        pos = tl.load(pos_base + n * stride_pn, mask=n_ok, other=0)
+        key = _eviction_key(pos, acc, n, next_pos, recent_budget, num_sink)
+        key = tl.where(n_ok, key, NOT_A_CANDIDATE)
+        block_key = tl.min(key, 0)
+        block_slot = tl.min(tl.where(key == block_key, n, NO_SLOT), 0)
+        best_slot = tl.where(block_key < best_key, block_slot, best_slot)
+        best_key = tl.minimum(block_key, best_key)
+
+    if split == num_splits - 1:
+        s_new = tl.load(logit_base + length, mask=r_ok, other=float("-inf"))
+        acc_new = tl.sum(tl.exp2(s_new - lse), 0)
+        tl.store(NEW_ACC + bg, acc_new)
+        key_new = _eviction_key(new_pos, acc_new, length, next_pos, recent_budget, num_sink)
+        best_slot = tl.where(key_new < best_key, length, best_slot)
+        best_key = tl.minimum(key_new, best_key)
+
+    tl.store(CAND_KEY + bg * num_splits + split, best_key)
+    tl.store(CAND_SLOT + bg * num_splits + split, best_slot)
+    # The last program of this (b, g) to get here sees every chunk's candidate (acq_rel ticket).
+    ticket = tl.atomic_add(TICKETS + bg, 1)
+    if ticket == num_splits - 1:
+        sp_ok1 = sp < num_splits
+        keys = tl.load(CAND_KEY + bg * num_splits + sp, mask=sp_ok1, other=NOT_A_CANDIDATE,
+                       volatile=True)
+        slots = tl.load(CAND_SLOT + bg * num_splits + sp, mask=sp_ok1, other=NO_SLOT,
+                        volatile=True)
+        victim = tl.min(tl.where(keys == tl.min(keys, 0), slots, NO_SLOT), 0)
+        slot = tl.where(length < budget, length, victim)
+        write = slot < tl.where(length < budget, length + 1, length)
+        k_new = tl.load(K_NEW + b * stride_knb + g * stride_knh + d * stride_knd, mask=d_ok)
+        v_new = tl.load(V_NEW + b * stride_vnb + g * stride_vnh + d * stride_vnd, mask=d_ok)
+        tl.store(K + b * stride_kb + g * stride_kh + slot * stride_kn + d * stride_kd,
+                 k_new.to(K.dtype.element_ty), mask=d_ok & write)
+        tl.store(V + b * stride_vb + g * stride_vh + slot * stride_vn + d * stride_vd,
+                 v_new.to(V.dtype.element_ty), mask=d_ok & write)
+        tl.store(pos_base + slot * stride_pn, new_pos, mask=write)
+        tl.store(score_base + slot * stride_sn, tl.load(NEW_ACC + bg, volatile=True), mask=write)
+        tl.store(TICKETS + bg, 0)
+
+
+def _num_splits(device, programs, length):
+    """Chunks per (sequence, kv head): about two programs per SM, at least a block each."""
+    blocks = triton.cdiv(length + 1, BLOCK_N)
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4  # the interpreter: a few chunks, so the merge path always runs
+    return max(1, min(blocks, triton.cdiv(target, programs)))
+
+
+def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, next_position,
+                   length, budget, recent_budget, num_sink, softmax_scale, *, new_real=None,
+                   out=None, tickets=None, num_splits=None):
+    """Launches the two decode kernels; updates the stored entries in place.
+
+    Args:
+        query: ``[B, Hq, D]``; key_new, value_new: ``[B, Hkv, D]`` (any strides).
+        keys, values: ``[B, Hkv, C, D]`` storage, ``C > length`` unless ``length == budget``.
+        positions: ``[B, Hkv, C]`` int64 (``-1`` = pad); scores: ``[B, Hkv, C]`` float32.
+        next_position: ``[B]`` int64, real tokens seen before this step; advanced in place.
+        length: stored entries (same for every sequence and head), ``<= budget``.
+        new_real: optional ``[B]`` bool/int, 0 where the new token is a pad.
+        out: optional ``[B, Hq, D]`` destination (may be a strided view).
+        tickets: optional ``[B * Hkv]`` int32 zeros, reused across calls (the kernel leaves
+            them at zero); allocated when ``None``.
+        num_splits: chunks per (sequence, kv head); default from the SM count.
+
+    Returns:
+        ``out``, the attention output in ``query``'s dtype.
+    """
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = keys.shape[1]
+    group = num_heads // num_kv_heads
+    programs = batch * num_kv_heads
+    if num_splits is None:
+        num_splits = _num_splits(query.device, programs, length)
+    chunk = triton.cdiv(triton.cdiv(max(length, 1), num_splits), BLOCK_N) * BLOCK_N
+    num_splits = max(1, triton.cdiv(length, chunk))
+    group_p = max(16, triton.next_power_of_2(group))
+    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+
+    f32 = dict(device=query.device, dtype=torch.float32)
+    logits = torch.empty(programs, group, length + 1, **f32)
+    part_m = torch.empty(programs, num_splits, group_p, **f32)
+    part_l = torch.empty(programs, num_splits, group_p, **f32)
+    part_o = torch.empty(programs, num_splits, group_p, head_dim_p, **f32)
+    cand_key = torch.empty(programs, num_splits, device=query.device, dtype=torch.int64)
+    cand_slot = torch.empty(programs, num_splits, device=query.device, dtype=torch.int32)
+    new_acc = torch.empty(programs, **f32)
+    if tickets is None:
+        tickets = torch.zeros(programs, device=query.device, dtype=torch.int32)
+    if out is None:
+        out = torch.empty_like(query)
+    has_new_real = new_real is not None
+    new_real_arg = new_real if has_new_real else next_position  # never read without the flag
+    qk_scale = softmax_scale * math.log2(math.e)
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    grid = (programs, num_splits)
+    meta = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim,
+                HEAD_DIM_P=head_dim_p, BLOCK=BLOCK_N, HAS_NEW_REAL=has_new_real)
+    kv_strides = (*key_new.stride(), *value_new.stride(), *keys.stride(), *values.stride(),
+                  *positions.stride())
+
+    _decode_partial[grid](
+        query, key_new, value_new, keys, values, positions, new_real_arg, next_position,
+        logits, part_m, part_l, part_o,
+        *query.stride(), *kv_strides, logits.stride(0), logits.stride(1),
+        length, chunk, qk_scale, DOT_PRECISION=precision, **meta,
+    )
+    _decode_update[grid](
+        out, key_new, value_new, keys, values, positions, scores, new_real_arg, next_position,
+        logits, part_m, part_l, part_o, cand_key, cand_slot, new_acc, tickets,
+        *out.stride(), *kv_strides, *scores.stride(), logits.stride(0), logits.stride(1),
+        length, chunk, budget, recent_budget, num_sink,
+        SPLITS_P=triton.next_power_of_2(num_splits), **meta,
+    )
+    return out
