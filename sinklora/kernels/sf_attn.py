@@ -59,6 +59,16 @@ def _part_mask(PART: tl.constexpr, i, j, group_size, shift, num_sink, wrap_from,
 
 
 @triton.jit
+def _query_head(bh, num_heads, kv_group, shift_heads, group_size, n, is_s2):
+    """Batch, query head, kv head (64-bit for offsets), shift and wrap start of program ``bh``."""
+    h = bh % num_heads
+    shift = head_shift(h, num_heads, shift_heads, group_size)
+    b = (bh // num_heads).to(tl.int64)
+    g = (h // kv_group).to(tl.int64)
+    return b, h.to(tl.int64), g, shift, wrap_start(shift, n, is_s2)
+
+
+@triton.jit
 def _query_block_ranges(m0, n, group_size, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key ranges of query block ``[m0, m0 + BLOCK_M)``: sink end, then the group's masked /
     unmasked / masked key ranges (``lo..a`` masked, ``b..c`` full, ``d..hi`` masked)."""
@@ -119,15 +129,12 @@ def _sf_attn_fwd_kernel(
 ):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
-    g = (h // kv_group).to(tl.int64)
-    shift = head_shift(h, num_heads, shift_heads, group_size)
-    wrap_from = wrap_start(shift, n, is_s2)
+    b, h, g, shift, wrap_from = _query_head(bh, num_heads, kv_group, shift_heads, group_size, n,
+                                            is_s2)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(Q + b * stride_qb + h * stride_qh
                 + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < n, other=0.0)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
@@ -159,7 +166,7 @@ def _sf_attn_fwd_kernel(
     # Every real row sees at least itself, so l_i > 0 there; rows past n are not stored.
     o = acc / l_i[:, None]
     row_ok = offs_m < n
-    tl.store(O + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
              + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * n + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
@@ -236,18 +243,15 @@ def _sf_attn_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     m0 = pid_m * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
-    g = (h // kv_group).to(tl.int64)
-    shift = head_shift(h, num_heads, shift_heads, group_size)
-    wrap_from = wrap_start(shift, n, is_s2)
+    b, h, g, shift, wrap_from = _query_head(bh, num_heads, kv_group, shift_heads, group_size, n,
+                                            is_s2)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < n
-    q = tl.load(Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qn
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_don
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
                  + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * n + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * n + offs_m, mask=row_ok, other=0.0)
@@ -278,7 +282,7 @@ def _sf_attn_bwd_dq_kernel(
         dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, wrap_from, n,
                       offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
                       sink_dk_base, sink_dv_base, WRAP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
-    tl.store(DQ + b * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqn
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn
              + offs_d[None, :], (dq * (qk_scale / 1.4426950408889634)).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
