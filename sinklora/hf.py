@@ -27,7 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from .sf_attn import sf_attention, sf_attention_reference
-from .sf_attn.params import MODES, _int_arg
+from .sf_attn.params import _int_arg, check_group_size, check_mode, check_num_sink
 
 ATTN_NAME = "sinklora"
 REFERENCE_ATTN_NAME = "sinklora_reference"
@@ -44,14 +44,9 @@ def sf_settings(group_size_ratio=0.25, group_size=None, num_sink=4, mode="sf", s
     if not (math.isfinite(group_size_ratio) and 0 < group_size_ratio <= 1):
         raise ValueError(f"group_size_ratio must be in (0, 1], got {group_size_ratio}")
     if group_size is not None:
-        group_size = _int_arg("group_size", group_size)
-        if group_size < 2 or group_size % 2:
-            raise ValueError(f"group_size must be an even int >= 2 or None, got {group_size}")
-    num_sink = _int_arg("num_sink", num_sink)
-    if num_sink < 0:
-        raise ValueError(f"num_sink must be >= 0, got {num_sink}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        group_size = check_group_size(group_size)
+    num_sink = check_num_sink(num_sink)
+    check_mode(mode)
     if shift_heads is not None:
         shift_heads = _int_arg("shift_heads", shift_heads)
         if shift_heads < 0:
@@ -111,9 +106,9 @@ def replace_llama_attn(model=None, *, group_size_ratio=0.25, group_size=None, nu
     Returns:
         ``model`` (``None`` when called without one).
 
-    Tested architectures (tests/hf): Llama, Mistral (with ``sliding_window`` unset or longer than the
-    sequence) and Qwen2; they share Llama's attention call. Sliding-window layers shorter than
-    the sequence raise an error.
+    Tested architectures (tests/hf): Llama, Mistral (``sliding_window`` unset or longer than
+    the sequence) and Qwen2; they share Llama's attention call. Sliding-window layers shorter
+    than the sequence raise an error.
     """
     global _default_settings
     settings = sf_settings(group_size_ratio, group_size, num_sink, mode, shift_heads)
@@ -156,6 +151,10 @@ def sinklora_attention_forward(module, query, key, value, attention_mask, scalin
     if out is not None:
         return out, None
     q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"sinklora attention takes the 2-D padding mask [B, kv_len], got an "
+                         f"attention_mask of shape {tuple(attention_mask.shape)}; pass a 2-D "
+                         "attention_mask (and position_ids for packed documents)")
     window = kwargs.get("sliding_window")
     if window is not None and kv_len > window:
         raise ValueError(f"sinklora attention has no sliding window: this layer has "
@@ -166,6 +165,7 @@ def sinklora_attention_forward(module, query, key, value, attention_mask, scalin
         key, value = key[:, :, :kv_len], value[:, :, :kv_len]
     position_ids = kwargs.get("position_ids")
     if q_len == kv_len:
+        query, key, value = _same_dtype(query, key, value)
         if module.training:
             settings = _settings(module)
             if dropout:
@@ -187,6 +187,15 @@ def sinklora_attention_forward(module, query, key, value, attention_mask, scalin
                          "cached keys; run packed batches without past_key_values")
     return sdpa_attention_forward(module, query, key, value, _sdpa_mask(attention_mask, query),
                                   dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _same_dtype(query, key, value):
+    """q, k, v in the autocast dtype when autocast is on (RoPE in fp32 may have promoted q and k
+    but not v), else in query's dtype."""
+    device = query.device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else query.dtype)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
 def _restarts(position_ids):
@@ -231,13 +240,34 @@ def _documents(padding_mask, position_ids, batch, seq_len, device):
     return docs
 
 
+# Every layer of one forward gets the same padding mask and position_ids objects; finding the
+# documents reads them on the host (a device sync), so it is done once per forward, not per layer.
+# The tensors themselves are kept (so their ids cannot be reused) with their versions (so an
+# in-place change is seen).
+_last_split = None
+
+
+def _documents_once(padding_mask, position_ids, batch, seq_len, device):
+    global _last_split
+    tensors = (padding_mask, position_ids)
+    versions = tuple(None if t is None else t._version for t in tensors)
+    if _last_split is not None:
+        seen, seen_versions, seen_shape, docs = _last_split
+        if (all(a is b for a, b in zip(seen, tensors)) and seen_versions == versions
+                and seen_shape == (batch, seq_len)):
+            return docs
+    docs = _documents(padding_mask, position_ids, batch, seq_len, device)
+    _last_split = (tensors, versions, (batch, seq_len), docs)
+    return docs
+
+
 def _attend_per_document(attend, query, key, value, padding_mask, position_ids):
     """``attend`` (``[b, Hq, L, D]`` inputs -> ``[b, L, Hq, D]``) applied per document.
 
     Documents of equal length share one call; pad queries get a zero output.
     """
     batch, _, seq_len, _ = query.shape
-    docs = _documents(padding_mask, position_ids, batch, seq_len, query.device)
+    docs = _documents_once(padding_mask, position_ids, batch, seq_len, query.device)
     if docs is None:
         return attend(query, key, value)
     outs, all_rows, all_cols = [], [], []

@@ -1,12 +1,15 @@
-"""H2O heavy-hitter KV cache (placeholder until the H2O issue lands)."""
+"""H2O heavy-hitter KV cache (``shared/spec/h2o.md``): the decoding half of sinklora.
 
+- ``H2OCache``: the transformers ``Cache`` (``cache.py``);
+- ``h2o_prefill`` / ``h2o_decode``: the functional ops for callers outside transformers
+  (``ops.py``), on the Triton kernels (``sinklora/kernels/h2o_*.py``) or plain PyTorch
+  (``reference.py``);
+- ``maybe_attention``: the hook ``sinklora/hf.py`` calls from its attention function.
+"""
+from .budget import H2OBudget, check_budget
+from .cache import H2OCache, H2OLayer, maybe_attention
+from .ops import h2o_decode, h2o_prefill
+from .state import H2OState
 
-def maybe_attention(module, query, key, value, padding_mask, scaling):
-    """H2O attention for ``module`` when an ``H2OCache`` is bound to it, else ``None``.
-
-    query ``[B, Hq, q_len, D]``, key/value ``[B, Hkv, kv_len, D]`` as transformers passes them
-    (RoPE applied, GQA not expanded; key/value are what the cache's ``update`` returned);
-    ``padding_mask`` the 2-D bool ``[B, kv_len]`` mask or ``None``. Returns the attention output
-    in transformers' layout ``[B, q_len, Hq, D]``.
-    """
-    return None
+__all__ = ["H2OCache", "H2OLayer", "H2OState", "H2OBudget", "check_budget", "h2o_prefill",
+           "h2o_decode", "maybe_attention"]

@@ -9,6 +9,7 @@ so its position is ``T - 1`` (``-1`` when the new token itself is a pad).
     lse_r = log sum_j exp(s_rj)
     o_r   = sum_j exp(s_rj - lse_r) v_j           the attention output
     acc_j += sum_r exp(s_rj - lse_r)              per kv head: summed over its query heads
+                                                  (nothing when the new token is a pad)
 
 If ``L == budget`` one entry leaves: the victim is the candidate with the smallest key
 
@@ -43,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .h2o_prefill import dot_precision, online_softmax_step
+
 BLOCK_N = 64
 # Eviction key of an entry that may not leave (protected, or past the chunk), and "no slot".
 NOT_A_CANDIDATE = tl.constexpr(2**63 - 1)
@@ -72,12 +75,12 @@ def _decode_partial(
     length, chunk, qk_scale,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_NEW_REAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_NEW_REAL: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
 ):
     bg = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    b = bg // NUM_KV_HEADS
+    b = (bg // NUM_KV_HEADS).to(tl.int64)  # storage offsets pass 2**31 at large B * C * D
     g = bg % NUM_KV_HEADS
     r = tl.arange(0, GROUP_P)
     d = tl.arange(0, HEAD_DIM_P)
@@ -92,7 +95,7 @@ def _decode_partial(
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
     pos_base = POS + b * stride_pb + g * stride_ph
-    logit_base = LOGITS + bg * stride_lg + r * stride_lr
+    logit_base = LOGITS + bg.to(tl.int64) * stride_lg + r * stride_lr
 
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
@@ -102,17 +105,11 @@ def _decode_partial(
         kv_ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + n[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_ok, other=0.0)
         pos = tl.load(pos_base + n * stride_pn, mask=n_ok, other=-1)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=QK_PRECISION) * qk_scale
         s = tl.where((pos >= 0)[None, :], s, float("-inf"))
         tl.store(logit_base[:, None] + n[None, :], s, mask=r_ok[:, None] & n_ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
         v = tl.load(v_base + n[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_ok, other=0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        o_i = o_i * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, o_i = online_softmax_step(m_i, l_i, o_i, s, v, PV_PRECISION)
 
     if split == num_splits - 1:
         # The new entry (index ``length``) comes from the new k/v, not from storage.
@@ -163,7 +160,7 @@ def _decode_update(
     bg = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    b = bg // NUM_KV_HEADS
+    b = (bg // NUM_KV_HEADS).to(tl.int64)  # storage offsets pass 2**31 at large B * C * D
     g = bg % NUM_KV_HEADS
     r = tl.arange(0, GROUP_P)
     d = tl.arange(0, HEAD_DIM_P)
@@ -180,6 +177,9 @@ def _decode_update(
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_sum = tl.sum(part_l * tl.exp2(part_m - m_safe[None, :]), 0)
     lse = tl.where(l_sum > 0, m_safe + tl.log2(l_sum), float("inf"))
+    if HAS_NEW_REAL:
+        # A pad's query, like a pad's key, adds nothing to any score: lse = inf makes p = 0.
+        lse = tl.where(tl.load(NEW_REAL + b) != 0, lse, float("inf"))
 
     if split == 0:
         o = tl.zeros([GROUP_P, HEAD_DIM_P], tl.float32)
@@ -195,7 +195,7 @@ def _decode_update(
     new_pos = next_pos - 1
     if HAS_NEW_REAL:
         new_pos = tl.where(tl.load(NEW_REAL + b) != 0, new_pos, -1)
-    logit_base = LOGITS + bg * stride_lg + r * stride_lr
+    logit_base = LOGITS + bg.to(tl.int64) * stride_lg + r * stride_lr
     pos_base = POS + b * stride_pb + g * stride_ph
     score_base = SCORES + b * stride_sb + g * stride_sh
 
@@ -229,7 +229,9 @@ def _decode_update(
 
     tl.store(CAND_KEY + bg * num_splits + split, best_key)
     tl.store(CAND_SLOT + bg * num_splits + split, best_slot)
-    # The last program of this (b, g) to get here sees every chunk's candidate (acq_rel ticket).
+    # The last program of this (b, g) to take a ticket sees every chunk's scores and candidate:
+    # the barrier orders all of this program's threads' stores before the (acq_rel) ticket.
+    tl.debug_barrier()
     ticket = tl.atomic_add(TICKETS + bg, 1)
     if ticket == num_splits - 1:
         sp_ok1 = sp < num_splits
@@ -239,15 +241,16 @@ def _decode_update(
                         volatile=True)
         victim = tl.min(tl.where(keys == tl.min(keys, 0), slots, NO_SLOT), 0)
         slot = tl.where(length < budget, length, victim)
-        write = slot < tl.where(length < budget, length + 1, length)
-        k_new = tl.load(K_NEW + b * stride_knb + g * stride_knh + d * stride_knd, mask=d_ok)
-        v_new = tl.load(V_NEW + b * stride_vnb + g * stride_vnh + d * stride_vnd, mask=d_ok)
-        tl.store(K + b * stride_kb + g * stride_kh + slot * stride_kn + d * stride_kd,
-                 k_new.to(K.dtype.element_ty), mask=d_ok & write)
-        tl.store(V + b * stride_vb + g * stride_vh + slot * stride_vn + d * stride_vd,
-                 v_new.to(V.dtype.element_ty), mask=d_ok & write)
-        tl.store(pos_base + slot * stride_pn, new_pos, mask=write)
-        tl.store(score_base + slot * stride_sn, tl.load(NEW_ACC + bg, volatile=True), mask=write)
+        # Full and the new entry is its own victim (slot == length): it is not stored.
+        if slot < tl.where(length < budget, length + 1, length):
+            k_new = tl.load(K_NEW + b * stride_knb + g * stride_knh + d * stride_knd, mask=d_ok)
+            v_new = tl.load(V_NEW + b * stride_vnb + g * stride_vnh + d * stride_vnd, mask=d_ok)
+            tl.store(K + b * stride_kb + g * stride_kh + slot * stride_kn + d * stride_kd,
+                     k_new.to(K.dtype.element_ty), mask=d_ok)
+            tl.store(V + b * stride_vb + g * stride_vh + slot * stride_vn + d * stride_vd,
+                     v_new.to(V.dtype.element_ty), mask=d_ok)
+            tl.store(pos_base + slot * stride_pn, new_pos)
+            tl.store(score_base + slot * stride_sn, tl.load(NEW_ACC + bg, volatile=True))
         tl.store(TICKETS + bg, 0)
 
 
@@ -305,9 +308,10 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
     if out is None:
         out = torch.empty_like(query)
     has_new_real = new_real is not None
+    if has_new_real and new_real.dtype == torch.bool:
+        new_real = new_real.view(torch.uint8)
     new_real_arg = new_real if has_new_real else next_position  # never read without the flag
     qk_scale = softmax_scale * math.log2(math.e)
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
     grid = (programs, num_splits)
     meta = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim,
                 HEAD_DIM_P=head_dim_p, BLOCK=BLOCK_N, HAS_NEW_REAL=has_new_real)
@@ -318,7 +322,8 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
         query, key_new, value_new, keys, values, positions, new_real_arg, next_position,
         logits, part_m, part_l, part_o,
         *query.stride(), *kv_strides, logits.stride(0), logits.stride(1),
-        length, chunk, qk_scale, DOT_PRECISION=precision, **meta,
+        length, chunk, qk_scale, QK_PRECISION=dot_precision(query.dtype),
+        PV_PRECISION=dot_precision(values.dtype), **meta,
     )
     _decode_update[grid](
         out, key_new, value_new, keys, values, positions, scores, new_real_arg, next_position,

@@ -163,9 +163,11 @@ def _sf_attn_fwd_kernel(
                                   wrap_from, n, offs_m, offs_d, n, group_size, shift, num_sink,
                                   wrap_from, qk_scale, WRAP, BLOCK_N, DOT_PRECISION)
 
-    # Every real row sees at least itself, so l_i > 0 there; rows past n are not stored.
-    o = acc / l_i[:, None]
+    # Every real row sees at least itself, so l_i > 0 there; rows past n (never stored) may
+    # have seen nothing, and get 1 to keep the arithmetic finite.
     row_ok = offs_m < n
+    l_i = tl.where(row_ok, l_i, 1.0)
+    o = acc / l_i[:, None]
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
              + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * n + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)

@@ -38,6 +38,25 @@ def _int_arg(name, value):
     return value
 
 
+def check_group_size(group_size):
+    group_size = _int_arg("group_size", group_size)
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even int >= 2, got {group_size}")
+    return group_size
+
+
+def check_num_sink(num_sink):
+    num_sink = _int_arg("num_sink", num_sink)
+    if num_sink < 0:
+        raise ValueError(f"num_sink must be >= 0, got {num_sink}")
+    return num_sink
+
+
+def check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
 def check_args(q, k, v, group_size, num_sink, shift_heads, mode, softmax_scale):
     """Validates the SF-Attn arguments and returns them resolved (defaults filled in)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -64,19 +83,14 @@ def check_args(q, k, v, group_size, num_sink, shift_heads, mode, softmax_scale):
     if n == 0 or d == 0 or b == 0:
         raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)}")
 
-    group_size = _int_arg("group_size", group_size)
-    if group_size < 2 or group_size % 2:
-        raise ValueError(f"group_size must be an even int >= 2, got {group_size}")
-    num_sink = _int_arg("num_sink", num_sink)
-    if num_sink < 0:
-        raise ValueError(f"num_sink must be >= 0, got {num_sink}")
+    group_size = check_group_size(group_size)
+    num_sink = check_num_sink(num_sink)
+    check_mode(mode)
     if shift_heads is None:
         shift_heads = hq // 2
     shift_heads = _int_arg("shift_heads", shift_heads)
     if not 0 <= shift_heads <= hq:
         raise ValueError(f"shift_heads must be in [0, {hq}] (number of q heads), got {shift_heads}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "s2" and n % group_size:
         raise ValueError(
             f'mode="s2" needs the sequence length ({n}) to be a multiple of group_size '

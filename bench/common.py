@@ -1,0 +1,279 @@
+"""Shared pieces of the benchmark scripts: timing, peak memory, correctness gates, the CSV rows
+and the record of where a run happened.
+
+Every script appends one row per (provider, pass, shape) to ``bench/results/<question>.csv``
+with the columns in ``COLUMNS``; a provider that fails (out of memory, a compile error, a
+failed correctness gate) gets a row with ``error`` filled in instead of stopping the run.
+"""
+import argparse
+import csv
+import datetime
+import gc
+import importlib.metadata
+import os
+import statistics
+import subprocess
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+# Triton reads this when sinklora's kernels are defined; timings must never come from the
+# interpreter, so on CUDA it is switched off before the scripts import sinklora.
+if torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "0"
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+COLUMNS = [
+    "kernel", "provider", "pass", "B", "Hq", "Hkv", "N", "D", "G", "S", "budget", "dtype",
+    "ms_p20", "ms_p50", "ms_p80", "tflops", "gb_s", "kv_bytes", "peak_mem_mb",
+    "device", "torch", "triton", "transformers", "git_sha", "timestamp", "run_id",
+    "note", "error",
+]
+QUANTILES = (0.2, 0.5, 0.8)
+# Relative L2 error allowed between a provider and sinklora's own output, by dtype: bf16 keeps
+# 8 mantissa bits, and the providers sum in different orders.
+GATE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+class GateError(RuntimeError):
+    """A provider's output disagrees with sinklora's: its timings would be meaningless."""
+
+
+def git_sha():
+    """``HEAD``'s sha, with ``-dirty`` when tracked files differ from it.
+
+    ``BENCH_GIT_SHA`` overrides it, for copies of the tree that travel without ``.git``.
+    """
+    if os.environ.get("BENCH_GIT_SHA"):
+        return os.environ["BENCH_GIT_SHA"]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def _version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment(device):
+    """The columns that say where and with what a run happened (the same for all its rows)."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "git_sha": git_sha(),
+        "run_id": now,
+    }
+
+
+def describe(env):
+    """The environment as the lines a run prints first (RESULTS.md quotes them)."""
+    return (f"device: {env['device']}\n"
+            f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}\n"
+            f"git sha: {env['git_sha']}, run {env['run_id']}")
+
+
+def script_parser(doc, full_help):
+    """The options every benchmark script and ``run_all.py`` share."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help=full_help)
+    ap.add_argument("--cpu", action="store_true", help="the CPU mode even where CUDA exists")
+    ap.add_argument("--tiny", action="store_true", help="tiny CPU shapes (the smoke test)")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--time-budget", type=float, help="seconds after which no new shape starts")
+    return ap
+
+
+def start(args):
+    """``(device, environment)`` for a run with the parsed shared options; prints the
+    environment lines."""
+    if args.tiny:
+        quick_cpu_timing()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    env = environment(device)
+    print(describe(env), flush=True)
+    return device, env
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# Calls per CPU timing: at least ``min_reps``, more until ``min_seconds`` pass, at most
+# ``max_reps``.
+# The smoke test lowers them (``quick_cpu_timing``): it checks the harness, not the numbers.
+CPU_TIMING = {"min_reps": 3, "max_reps": 20, "min_seconds": 0.1}
+
+
+def quick_cpu_timing():
+    """The fewest CPU calls that still give three distinct quantiles."""
+    CPU_TIMING.update(min_reps=3, max_reps=3, min_seconds=0.0)
+
+
+def _cpu_quantiles(fn, grad_to_none):
+    # No event timers on CPU: wall clock around each call, after one warm-up call.
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < CPU_TIMING["max_reps"] and (
+            len(times) < CPU_TIMING["min_reps"]
+            or time.perf_counter() - start < CPU_TIMING["min_seconds"]):
+        for t in grad_to_none or ():
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    return [deciles[int(q * 10) - 1] for q in QUANTILES]
+
+
+def time_ms(fn, device, grad_to_none=None):
+    """``[p20, p50, p80]`` milliseconds of ``fn()``: ``triton.testing.do_bench`` on CUDA (event
+    timers, L2 flushed between calls), a wall-clock loop on CPU."""
+    if device.type != "cuda":
+        return _cpu_quantiles(fn, grad_to_none)
+    import triton.testing
+
+    return list(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
+                                        quantiles=list(QUANTILES)))
+
+
+def peak_memory_mb(fn, device):
+    """Peak allocated CUDA memory (MiB) during one ``fn()``, counting what was already held
+    (the inputs); ``None`` on CPU, where torch keeps no such counter."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def rel_err(out, ref):
+    """``||out - ref|| / ||ref||`` in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def gate(name, outs, refs, dtype):
+    """Raises ``GateError`` unless every tensor in ``outs`` matches ``refs`` within the dtype's
+    tolerance; returns the largest relative error."""
+    tol = GATE_TOLERANCE[dtype]
+    worst = 0.0
+    for label, out, ref in zip(("out", "dq", "dk", "dv"), outs, refs):
+        err = rel_err(out, ref)
+        if not err <= tol:  # NaN fails too
+            raise GateError(f"{name}: {label} differs from sinklora's by rel. error {err:.2e} "
+                            f"(tolerance {tol:.0e})")
+        worst = max(worst, err)
+    return worst
+
+
+def free_memory(device, after_failure=False):
+    """Returns cached CUDA blocks so the next provider starts from the same state. After a
+    failure the exception's traceback held the failed call's tensors in reference cycles, so
+    those are collected first (a full collection costs about half a second: not every time)."""
+    if after_failure:
+        gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def short_error(exc):
+    """One line for the CSV: the exception type and the first line of its message."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def report_failure(label, exc):
+    """Prints a failed provider's traceback tail (the CSV keeps only one line of it)."""
+    tail = "".join(traceback.format_exception(exc)[-3:])
+    print(f"  FAILED {label}: {short_error(exc)}\n{tail}", flush=True)
+
+
+def append_rows(path, rows):
+    """Appends ``rows`` (dicts keyed by ``COLUMNS``) to the CSV at ``path``, writing the header
+    when the file is new. Raises ``ValueError`` if an existing file has other columns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != COLUMNS:
+            raise ValueError(f"{path} has columns {header}, expected {COLUMNS}; move it aside")
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="raise")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({c: _cell(row.get(c)) for c in COLUMNS})
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value
+
+
+def result_csvs(results_dir):
+    """The CSVs in ``results_dir`` written by these scripts (others may share the folder)."""
+    paths = []
+    for path in sorted(Path(results_dir).glob("*.csv")):
+        with path.open(newline="") as f:
+            if next(csv.reader(f), None) == COLUMNS:
+                paths.append(path)
+    return paths
+
+
+def read_rows(path):
+    """The rows of a results CSV as dicts of strings."""
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def timestamp():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class Deadline:
+    """Wall-clock budget of one script, so that a GPU run fits the device call it runs in."""
+
+    def __init__(self, seconds):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def passed(self):
+        return self.end is not None and time.monotonic() > self.end
+
+
+def print_row(row):
+    """One console line per CSV row, for the log of a run."""
+    if row.get("error"):
+        tail = f"ERROR {row['error']}"
+    else:
+        rate = (f"{row['tflops']:.3g} TFLOP/s" if row.get("tflops") is not None
+                else f"{row['gb_s']:.3g} GB/s" if row.get("gb_s") is not None else "")
+        mem = f" peak {row['peak_mem_mb']:.0f} MiB" if row.get("peak_mem_mb") is not None else ""
+        tail = f"{row['ms_p50']:9.3f} ms  {rate}{mem}"
+    note = f"  [{row['note']}]" if row.get("note") else ""
+    print(f"  {row['provider']:<16} {row['pass']:<8} {tail}{note}", flush=True)

@@ -1,0 +1,212 @@
+"""H2O KV-cache quality: streaming next-token perplexity as the cache budget shrinks
+(the SinkLoRA / H2O claim: quality holds at half the KV budget).
+
+The pretrained byte-level Llama of ``bench/pretrain.py`` (context ``L``) reads validation
+windows of ``L`` bytes token by token through a ``sinklora.H2OCache``: the first ``budget``
+tokens in one prefill (nothing is evicted while the cache holds at most its budget, so this
+equals feeding them one at a time), then one token per forward, each predicting the next, the
+cache evicting one entry per step. Budgets are 100 / 50 / 20 / 10 % of ``L``. Policies, all
+``H2OCache`` at the same total budget ``b``:
+
+- ``h2o``: H2O as its paper runs it, half heavy hitters, half recent tokens, no sinks;
+- ``h2o+sinks``: 4 sink tokens, the rest split as in ``h2o`` (H2O plus StreamingLLM's sinks);
+- ``streamingllm``: 4 sinks + the ``b - 4`` most recent tokens (``heavy_budget=0``);
+- ``recent``: the ``b`` most recent tokens only.
+
+Keys keep the rotary position they were written with (StreamingLLM instead re-numbers the
+positions inside its cache; with documents no longer than ``L`` every position here is one the
+model was trained on). The ``full cache`` row is the same windows through one ordinary forward;
+at 100 % every policy must equal it, which the run checks. After each configuration the run also
+checks that every layer stores exactly ``min(b, tokens seen)`` entries including the sinks and
+the recent window. Results: ``<results dir>/h2o_quality{,_smoke}.{md,csv,png}``.
+"""
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+import corpus as corpus_mod
+import paper_results
+import pretrain
+import sinklora
+
+NAME = "h2o_quality"
+BUDGET_PERCENTS = (100, 50, 20, 10)
+SINKS = 4
+POLICIES = ("h2o", "h2o+sinks", "streamingllm", "recent")
+# Relative ppl difference allowed between the 100 % budget and the full-cache forward: bf16
+# autocast on GPU runs decode and SDPA with different rounding; fp32 only differs in order.
+FULL_BUDGET_TOLERANCE = {torch.bfloat16: 2e-2, None: 1e-4}
+GPU_DOCS, GPU_BATCH = 64, 64
+SMOKE_DOCS, SMOKE_BATCH = 4, 4
+
+
+def budget_split(policy, budget):
+    """``(heavy_budget, recent_budget, num_sink)`` of ``policy`` at total ``budget``."""
+    sinks = SINKS if policy in ("h2o+sinks", "streamingllm") else 0
+    if budget <= sinks:
+        raise ValueError(f"budget must exceed the {sinks} sinks of {policy}, got {budget}")
+    rest = budget - sinks
+    if policy in ("h2o", "h2o+sinks"):
+        return rest // 2, rest - rest // 2, sinks
+    if policy in ("streamingllm", "recent"):
+        return 0, rest, sinks
+    raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+
+
+def _check_kept(cache, seen):
+    """Raises unless every layer stores ``min(budget, seen)`` entries per sequence and head,
+    the sinks and the recent window among them."""
+    b = cache.budget
+    expected = min(b.total, seen)
+    must = torch.cat([torch.arange(min(b.num_sink, seen)),
+                      torch.arange(max(0, seen - b.recent_budget), seen)]).unique()
+    for layer in cache.layers:
+        positions = layer.positions
+        if positions.shape[-1] != expected:
+            raise RuntimeError(f"{cache!r}: layer {layer.layer_idx} stores "
+                               f"{positions.shape[-1]} entries, expected {expected}")
+        present = (positions[..., None] == must.to(positions.device)).any(dim=-2)
+        if not bool(present.all()):
+            raise RuntimeError(f"{cache!r}: layer {layer.layer_idx} lost a protected "
+                               f"entry (sinks or recent window)")
+
+
+@torch.no_grad()
+def streaming_nll(model, windows, batch_size, split, device):
+    """Mean next-token NLL of ``windows`` ``[count, N]`` streamed through an ``H2OCache`` with
+    ``split = (heavy_budget, recent_budget, num_sink)``."""
+    budget = sum(split)
+    total, count = 0.0, 0
+    model.eval()
+    for chunk in windows.split(batch_size):
+        chunk = chunk.to(device)
+        cache = sinklora.H2OCache(heavy_budget=split[0], recent_budget=split[1],
+                                  num_sink=split[2])
+        length = chunk.shape[1]
+        prefix = min(budget, length)
+        with pretrain.autocast(device):
+            logits = model(input_ids=chunk[:, :prefix], past_key_values=cache,
+                           use_cache=True).logits.float()
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:prefix].flatten(),
+                                 reduction="sum").item()
+        last = logits[:, -1]
+        for t in range(prefix, length):
+            total += F.cross_entropy(last, chunk[:, t], reduction="sum").item()
+            if t + 1 < length:
+                with pretrain.autocast(device):
+                    last = model(input_ids=chunk[:, t:t + 1], past_key_values=cache,
+                                 use_cache=True).logits[:, -1].float()
+        count += chunk[:, 1:].numel()
+        _check_kept(cache, length - 1 if prefix < length else length)
+    return total / count
+
+
+def measure(model, windows, batch_size, context, device):
+    """Rows ``{"policy", "budget_pct", "budget", "heavy", "recent", "sinks", "nll", "ppl",
+    "seconds"}`` for every policy and budget, plus the ``full cache`` row."""
+    full = pretrain.mean_nll(model, windows, batch_size, device)
+    rows = [{"policy": "full cache", "budget_pct": 100, "budget": context, "nll": full,
+             "ppl": math.exp(full)}]
+    print(f"full cache: ppl {rows[0]['ppl']:.4f}", flush=True)
+    for pct in BUDGET_PERCENTS:
+        budget = max(1, round(context * pct / 100))
+        for policy in POLICIES:
+            split = budget_split(policy, budget)
+            start = time.perf_counter()
+            nll = streaming_nll(model, windows, batch_size, split, device)
+            rows.append({"policy": policy, "budget_pct": pct, "budget": budget,
+                         "heavy": split[0], "recent": split[1], "sinks": split[2], "nll": nll,
+                         "ppl": math.exp(nll), "seconds": round(time.perf_counter() - start, 1)})
+            print(f"{policy:>13} budget {pct:3d}% ({budget:4d} tokens, heavy {split[0]}, "
+                  f"recent {split[1]}, sinks {split[2]}): ppl {rows[-1]['ppl']:.4f} "
+                  f"({rows[-1]['seconds']} s)", flush=True)
+    return rows
+
+
+def full_budget_check(rows, device):
+    """Lines saying whether the 100 % rows equal the full-cache forward (within the dtype's
+    tolerance); a mismatch is stated, never hidden."""
+    full = rows[0]["ppl"]
+    tol = FULL_BUDGET_TOLERANCE[pretrain.amp_dtype(device)]
+    worst = max(abs(r["ppl"] - full) / full for r in rows[1:] if r["budget_pct"] == 100)
+    verdict = "OK" if worst <= tol else "MISMATCH: the H2O path disagrees with full attention"
+    return worst, (f"check: at 100 % budget every policy's ppl is within {worst:.2e} "
+                   f"(relative) of the full-cache forward; tolerance {tol:.0e}: {verdict}")
+
+
+def report(rows, context, paths, env, header, smoke):
+    """Prints and writes the table, the CSV and the plot; returns the markdown table."""
+    full = rows[0]
+    table_rows = []
+    for pct in BUDGET_PERCENTS:
+        cells = {r["policy"]: r for r in rows[1:] if r["budget_pct"] == pct}
+        budget = next(iter(cells.values()))["budget"]
+        table_rows.append([f"{pct}% ({budget})"] + [
+            f"{cells[p]['ppl']:.3f} ({(cells[p]['ppl'] / full['ppl'] - 1) * 100:+.1f}%)"
+            for p in POLICIES])
+    table = paper_results.markdown_table(
+        [f"budget of L={context}"] + [f"{p} ppl (vs full)" for p in POLICIES], table_rows)
+    lines = header + [f"full cache ppl: {full['ppl']:.4f}", table]
+    print("\n" + "\n\n".join(lines[-3:]), flush=True)
+    paper_results.write_markdown(paths["md"], "H2O: streaming perplexity against KV budget",
+                                 lines)
+    columns = ["policy", "budget_pct", "budget", "heavy", "recent", "sinks", "context", "ppl",
+               "nll", "seconds"]
+    paper_results.write_csv(paths["csv"], columns, [{**r, "context": context} for r in rows],
+                            env)
+    _plot(rows, context, paths["png"], env, smoke)
+    return table
+
+
+def _plot(rows, context, path, env, smoke):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for policy in POLICIES:
+        pts = sorted((r["budget_pct"], r["ppl"]) for r in rows if r["policy"] == policy)
+        ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=policy)
+    ax.axhline(rows[0]["ppl"], ls="--", color="gray", label="full cache")
+    ax.set_xscale("log")
+    ax.set_xticks(BUDGET_PERCENTS, [f"{p}%" for p in BUDGET_PERCENTS])
+    ax.set_xlabel(f"KV budget (% of L={context})")
+    ax.set_ylabel("streaming perplexity (bytes)")
+    ax.legend()
+    paper_results.save_figure(fig, path, env, smoke)
+
+
+def main(argv=None):
+    parser = pretrain.argument_parser(__doc__, results=True)
+    parser.add_argument("--docs", type=int, default=None,
+                        help=f"validation windows of L bytes (default {GPU_DOCS}, smoke "
+                             f"{SMOKE_DOCS})")
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"windows streamed together (default {GPU_BATCH}, smoke "
+                             f"{SMOKE_BATCH})")
+    args = parser.parse_args(argv)
+    docs = args.docs or (SMOKE_DOCS if args.smoke else GPU_DOCS)
+    batch = args.batch or (SMOKE_BATCH if args.smoke else GPU_BATCH)
+    if docs < 1 or batch < 1:
+        parser.error(f"--docs and --batch must be >= 1, got {docs}, {batch}")
+    exp = pretrain.start_experiment(args)
+    device, corpus, env, size, model = exp.device, exp.corpus, exp.env, exp.size, exp.model
+    model.set_attn_implementation("sinklora")
+    windows = corpus_mod.validation_windows(corpus.validation, size.context, docs)
+    rows = measure(model, windows, batch, size.context, device)
+    _, check = full_budget_check(rows, device)
+    header = exp.header(
+        f"streaming: {docs} validation windows of L = {size.context} bytes, {batch} at a "
+        f"time, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; policies at each "
+        f"budget b: h2o = b/2 heavy + b/2 recent; h2o+sinks = {SINKS} sinks + (b-{SINKS})/2 "
+        f"heavy + rest recent; streamingllm = {SINKS} sinks + b-{SINKS} recent; recent = b "
+        f"recent", args.smoke) + [check]
+    report(rows, size.context, paper_results.output_paths(args.results_dir, NAME, args.smoke),
+           env, header, args.smoke)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Result files of the paper experiments (``context_extension``, ``h2o_quality``).
+
+Each run writes ``<results dir>/<name>.csv`` (one row per measured configuration, every row
+carrying the device, versions, git sha, corpus and timestamp), ``<name>.md`` (the environment
+and the tables as printed) and ``<name>.png``. A ``--smoke`` run writes ``<name>_smoke.*``
+instead, so smoke numbers are never mistaken for results. Files are rewritten by each run.
+"""
+import csv
+from pathlib import Path
+
+import common
+
+RESULTS_DIR = common.RESULTS_DIR
+ENV_COLUMNS = ["device", "torch", "triton", "transformers", "python", "corpus", "git_sha",
+               "timestamp"]
+
+
+def run_environment(device, corpus):
+    """The columns that say where, with what and on which data a run happened."""
+    env = common.environment(device)
+    return {"device": env["device"], "torch": env["torch"], "triton": env["triton"],
+            "transformers": env["transformers"], "python": corpus.python,
+            "corpus": corpus.fingerprint, "git_sha": env["git_sha"],
+            "timestamp": env["run_id"]}
+
+
+def describe_environment(env):
+    """The environment as the lines a run prints first and its markdown file starts with."""
+    return [f"device: {env['device']}",
+            f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
+            f"Python {env['python']}",
+            f"git sha {env['git_sha']}, corpus {env['corpus']}, run {env['timestamp']}"]
+
+
+def output_paths(results_dir, name, smoke):
+    """``{"csv", "md", "png"}`` paths of the result files of ``name``."""
+    stem = Path(results_dir) / (f"{name}_smoke" if smoke else name)
+    return {ext: stem.with_suffix(f".{ext}") for ext in ("csv", "md", "png")}
+
+
+def write_csv(path, columns, rows, env):
+    """Writes ``rows`` (dicts keyed by ``columns``) with the environment columns appended."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns) + ENV_COLUMNS, extrasaction="raise")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**{c: _cell(row.get(c)) for c in columns}, **env})
+
+
+def _cell(value):
+    # Floats in full: ratios recomputed from the CSV must match the script's.
+    return "" if value is None else repr(value) if isinstance(value, float) else value
+
+
+def markdown_table(header, rows):
+    """A markdown table of ``rows`` (sequences of already formatted cells)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(path, title, lines):
+    """Writes ``# title`` and ``lines`` (paragraphs and tables) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n\n" + "\n\n".join(lines) + "\n")
+
+
+def save_figure(fig, path, env, smoke):
+    """Stamps ``fig`` with where it was measured (and SMOKE for a smoke run), saves it to
+    ``path`` as PNG and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(("SMOKE RUN, meaningless sizes; " if smoke else "")
+                 + f"{env['device']}, git {env['git_sha']}, {env['timestamp']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def mean_std(values):
+    """``(mean, sample std)`` of ``values``; the std is ``None`` for a single value."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def fmt_spread(values, digits=3):
+    """``mean ± sample std`` of ``values`` (just the mean when there is one value)."""
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"

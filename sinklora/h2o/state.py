@@ -1,0 +1,96 @@
+"""One layer's H2O state: storage allocated for the budget, filled slot by slot."""
+
+
+class H2OState:
+    """The entries one attention layer keeps, for every sequence and kv head.
+
+    The buffers have ``capacity`` slots (at most the budget); the first ``length`` hold entries,
+    the same number for every sequence and head. Slot order means nothing: keys carry their own
+    RoPE, so attention does not depend on it, and decoding writes a new entry into the slot of
+    the entry it evicts.
+
+    Attributes:
+        key_buffer, value_buffer: ``[B, Hkv, capacity, D]``.
+        position_buffer: ``[B, Hkv, capacity]`` int64, the token's position among its
+            sequence's real tokens; ``-1`` marks a pad (never attended, evicted first).
+        score_buffer: ``[B, Hkv, capacity]`` float32 accumulated attention (``acc``).
+        length: stored entries.
+        next_position: ``[B]`` int64, real tokens seen per sequence (the next token's position).
+        tickets: ``[B * Hkv]`` int32 zeros the Triton decode uses to merge its chunks (it leaves
+            them at zero), made on the first Triton step; ``None`` until then.
+    """
+
+    def __init__(self, key_buffer, value_buffer, position_buffer, score_buffer, length, next_position):
+        self.key_buffer = key_buffer
+        self.value_buffer = value_buffer
+        self.position_buffer = position_buffer
+        self.score_buffer = score_buffer
+        self.length = length
+        self.next_position = next_position
+        self.tickets = None
+
+    @property
+    def keys(self):
+        """Stored keys ``[B, Hkv, length, D]`` (a view)."""
+        return self.key_buffer[:, :, : self.length]
+
+    @property
+    def values(self):
+        """Stored values ``[B, Hkv, length, D]`` (a view)."""
+        return self.value_buffer[:, :, : self.length]
+
+    @property
+    def positions(self):
+        """Original positions of the stored entries ``[B, Hkv, length]`` (``-1``: pad)."""
+        return self.position_buffer[:, :, : self.length]
+
+    @property
+    def scores(self):
+        """Accumulated attention of the stored entries ``[B, Hkv, length]``."""
+        return self.score_buffer[:, :, : self.length]
+
+    @property
+    def capacity(self):
+        return self.key_buffer.shape[2]
+
+    @property
+    def buffers(self):
+        return (self.key_buffer, self.value_buffer, self.position_buffer, self.score_buffer,
+                self.next_position)
+
+    @property
+    def nbytes(self):
+        """Bytes held by this state's tensors."""
+        tensors = self.buffers + (() if self.tickets is None else (self.tickets,))
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def reserve(self, entries, budget_total):
+        """Makes room for ``entries`` slots, growing geometrically but never past the budget."""
+        if entries <= self.capacity:
+            return
+        capacity = min(budget_total, max(entries, 2 * self.capacity))
+
+        def grown(buffer):
+            new = buffer.new_empty(*buffer.shape[:2], capacity, *buffer.shape[3:])
+            new[:, :, : self.length] = buffer[:, :, : self.length]
+            return new
+
+        self.key_buffer, self.value_buffer = grown(self.key_buffer), grown(self.value_buffer)
+        self.position_buffer, self.score_buffer = grown(self.position_buffer), grown(self.score_buffer)
+
+    def map_tensors(self, fn):
+        """Replaces every tensor ``t`` by ``fn(t)`` (batch select / reorder / repeat, moves)."""
+        (self.key_buffer, self.value_buffer, self.position_buffer, self.score_buffer,
+         self.next_position) = (fn(t) for t in self.buffers)
+
+    def to(self, device, non_blocking=False):
+        """Moves every tensor to ``device``."""
+        self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+        return self
+
+
+def new_state(keys, values, positions, scores, next_position):
+    """A state holding exactly the given entries (``[B, Hkv, K, ...]``) and no spare slot."""
+    return H2OState(keys.contiguous(), values.contiguous(), positions.contiguous(),
+                    scores.contiguous(), keys.shape[2], next_position)
+

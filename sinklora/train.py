@@ -1,0 +1,234 @@
+"""``python -m sinklora.train``: LongLoRA-style context extension with SF-Attn + LoRA.
+
+Fine-tunes a Llama-architecture causal LM (a local checkpoint, or ``--tiny``: a small random
+one with byte tokens) on plain-text files: the texts are tokenized, joined with EOS and cut into
+``--seq-len`` blocks (LongLoRA's ``group_texts``), RoPE is interpolated linearly to
+``--seq-len`` (``extend_context``), attention is SF-Attn (``replace_llama_attn``) and the
+trainable parameters are LongLoRA's (``lora_config``: LoRA on q/k/v/o, embeddings and norms in
+full). Saves the adapter with ``save_pretrained``.
+"""
+import argparse
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import peft
+import torch
+from tqdm import tqdm
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
+                          LlamaForCausalLM)
+
+from .hf import replace_llama_attn, sf_settings
+from .lora import extend_context, lora_config
+
+BYTE_EOS = 256  # --tiny tokens: the 256 byte values, then EOS
+
+
+def tiny_config(**overrides):
+    """A small Llama config for byte tokens (GQA 4:2, 2 layers, 256 original positions)."""
+    config = dict(vocab_size=BYTE_EOS + 1, hidden_size=128, intermediate_size=256,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, bos_token_id=None, eos_token_id=BYTE_EOS,
+                  pad_token_id=None, initializer_range=0.05)
+    config.update(overrides)
+    return LlamaConfig(**config)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m sinklora.train",
+        description="Extend a Llama-architecture model's context with LoRA and SF-Attn "
+                    "(SinkLoRA), LongLoRA's recipe: linear RoPE interpolation to --seq-len, "
+                    "LoRA on q/k/v/o, embeddings and norms trained in full.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path,
+                     help="local directory of a transformers Llama-architecture checkpoint "
+                          "(its tokenizer is used)")
+    src.add_argument("--tiny", action="store_true",
+                     help="train a small random Llama on byte tokens instead (for a quick run "
+                          "on CPU)")
+    p.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="plain-text files and/or directories (searched recursively with "
+                        "--pattern)")
+    p.add_argument("--pattern", default="*.txt",
+                   help="file name pattern used inside --data directories")
+    p.add_argument("--output-dir", type=Path, required=True,
+                   help="where the adapter (adapter_config.json, adapter_model.safetensors), the "
+                        "extended base config, the tokenizer and the run's arguments are saved "
+                        "(with --tiny also the random base model, in base_model/)")
+    p.add_argument("--seq-len", type=int, default=8192,
+                   help="tokens per training sequence; RoPE is interpolated to cover it")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches accumulated per optimizer step")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak AdamW learning rate (LongLoRA)")
+    p.add_argument("--warmup-steps", type=int, default=20,
+                   help="linear warmup steps, then constant (LongLoRA)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha")
+    p.add_argument("--group-size-ratio", type=float, default=0.25,
+                   help="SF-Attn group size as a fraction of --seq-len")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="fixed SF-Attn group size (even), instead of the ratio")
+    p.add_argument("--num-sink", type=int, default=4, help="SF-Attn sink tokens")
+    p.add_argument("--mode", choices=("sf", "s2"), default="sf",
+                   help="sf: SinkLoRA's SF-Attn; s2: LongLoRA's S2-Attn (for comparison)")
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep activations instead of recomputing them (faster, more memory)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device; on CUDA the base model is bf16 and the SF-Attn kernels "
+                        "run, on CPU everything is fp32 and SF-Attn uses the PyTorch fallback")
+    p.add_argument("--seed", type=int, default=0, help="random seed (model init, batch order)")
+    args = p.parse_args(argv)
+    for name in ("seq_len", "batch_size", "grad_accum", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup_steps < 0:
+        p.error("--warmup-steps must be >= 0")
+    try:
+        sf_settings(args.group_size_ratio, args.group_size, args.num_sink, args.mode)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    return args
+
+
+def corpus_files(paths, pattern):
+    """The files named, and the files under the directories named that match ``pattern``."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(f for f in path.rglob(pattern) if f.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"--data: no such file or directory: {path}")
+    if not files:
+        raise FileNotFoundError(f"--data: no files matching {pattern!r} in {list(map(str, paths))}")
+    return files
+
+
+def tokenize_corpus(files, tokenizer, eos_id):
+    """All files' tokens, each document followed by EOS, as one 1-D LongTensor."""
+    ids = []
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        ids.extend(list(text.encode("utf-8")) if tokenizer is None
+                   else tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(eos_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def blocks(tokens, seq_len, batch_size, generator):
+    """Endless random batches ``[batch_size, seq_len]`` of whole blocks, reshuffled each epoch."""
+    num = tokens.numel() // seq_len
+    if num < batch_size:
+        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than --batch-size x "
+                         f"--seq-len = {batch_size * seq_len}; add text or shorten --seq-len")
+    table = tokens[:num * seq_len].view(num, seq_len)
+    while True:
+        order = torch.randperm(num, generator=generator)
+        for i in range(0, num - batch_size + 1, batch_size):
+            yield table[order[i:i + batch_size]]
+
+
+def build_model(args):
+    """The model with extended RoPE and SF-Attn, its tokenizer (None for --tiny) and EOS id."""
+    cuda = torch.device(args.device).type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.tiny:
+        config, tokenizer = tiny_config(), None
+        extend_context(config, args.seq_len)
+        model = LlamaForCausalLM(config).to(dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        config = AutoConfig.from_pretrained(args.model)
+        extend_context(config, args.seq_len)
+        model = AutoModelForCausalLM.from_pretrained(args.model, config=config, dtype=dtype)
+    replace_llama_attn(model, group_size_ratio=args.group_size_ratio, group_size=args.group_size,
+                       num_sink=args.num_sink, mode=args.mode)
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is None:
+        raise ValueError("the model config has no eos_token_id to separate documents")
+    return model.to(args.device), tokenizer, eos
+
+
+def enable_checkpointing(model):
+    """Activation (gradient) checkpointing, non-reentrant, under either transformers 5 name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def train(args):
+    """Runs the fine-tuning described by ``args``; returns the output directory."""
+    # peft calls transformers' deprecated is_gradient_checkpointing; not ours to fix.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    torch.manual_seed(args.seed)
+    files = corpus_files(args.data, args.pattern)  # fail on a bad --data before loading a model
+    model, tokenizer, eos = build_model(args)
+    if args.tiny:  # random weights: keep them, or the adapter could never be used again
+        model.save_pretrained(args.output_dir / "base_model")
+    if not args.no_gradient_checkpointing:
+        enable_checkpointing(model)
+    model = peft.get_peft_model(model, lora_config(r=args.lora_r, alpha=args.lora_alpha))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # fp32 master copies; the frozen base stays bf16 on GPU
+        p.data = p.data.float()
+    model.print_trainable_parameters()
+
+    tokens = tokenize_corpus(files, tokenizer, eos)
+    batches = blocks(tokens, args.seq_len, args.batch_size,
+                     torch.Generator().manual_seed(args.seed))
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / (args.warmup_steps + 1)))
+    device_type = torch.device(args.device).type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
+
+    model.train()
+    seen, start = 0, time.perf_counter()
+    bar = tqdm(range(args.steps), desc="train", unit="step")
+    for _ in bar:
+        total = 0.0
+        for _ in range(args.grad_accum):
+            ids = next(batches).to(args.device)
+            with autocast:
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            (loss / args.grad_accum).backward()
+            total += loss.item() / args.grad_accum
+            seen += ids.numel()
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss is {total}; lower --lr")
+        torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{seen / (time.perf_counter() - start):.0f}")
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.output_dir)
+    model.get_base_model().config.save_pretrained(args.output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output_dir)
+    run = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    run["data"] = [str(d) for d in args.data]
+    (args.output_dir / "sinklora_train.json").write_text(json.dumps(run, indent=2))
+    print(f"final loss {total:.4f}; adapter saved to {args.output_dir}")
+    return args.output_dir
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

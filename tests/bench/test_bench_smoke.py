@@ -1,0 +1,99 @@
+"""The benchmark harness on CPU: exact FLOP counting, the LongLoRA provider, and a tiny
+``bench/run_all.py --cpu`` run whose CSV rows carry every column."""
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sinklora.sf_attn import dense_mask, sf_attention_reference
+from sinklora.sf_attn.params import check_args
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import run_all  # noqa: E402
+import sf_attn as sf_bench  # noqa: E402
+
+
+@pytest.mark.parametrize("n, hq, make_pattern", [
+    (96, 4, sf_bench.sf_pattern),       # N a multiple of G
+    (100, 3, sf_bench.sf_pattern),      # last groups cut short, odd head count
+    (96, 4, sf_bench.s2_pattern),       # the wrap-around of "s2"
+    (72, 3, sf_bench.s2_pattern),
+    (90, 2, sf_bench.causal_pattern),   # one group: full causal
+])
+def test_visible_pairs_equal_the_dense_mask(n, hq, make_pattern):
+    shape = sf_bench.Shape(2, hq, 1, n, 8, (n // 4) & ~1, 4, torch.float32)
+    pattern = make_pattern(shape)
+    q = torch.empty(shape.B, hq, n, 8)
+    k = torch.empty(shape.B, 1, n, 8)
+    p = check_args(q, k, k, pattern["group_size"], pattern["num_sink"], pattern["shift_heads"],
+                   pattern["mode"], None)
+    assert sf_bench.visible_pairs(shape, pattern) == shape.B * int(dense_mask(p).sum())
+
+
+@pytest.mark.parametrize("hq, hkv, n, g", [(4, 4, 64, 16), (6, 2, 48, 12), (3, 1, 40, 8)])
+def test_longlora_provider_equals_s2_reference(hq, hkv, n, g):
+    q = torch.randn(2, hq, n, 16, dtype=torch.float64)
+    k = torch.randn(2, hkv, n, 16, dtype=torch.float64)
+    v = torch.randn(2, hkv, n, 16, dtype=torch.float64)
+    shape = sf_bench.Shape(2, hq, hkv, n, 16, g, 4, torch.float64)
+    ref = sf_attention_reference(q, k, v, **sf_bench.s2_pattern(shape))
+    assert common.rel_err(sf_bench.longlora_s2(q, k, v, g), ref) < 1e-12
+
+
+def test_gate_rejects_a_wrong_output():
+    ref = torch.randn(64)
+    assert common.gate("x", [ref + 1e-5 * torch.randn(64)], [ref], torch.float32) < 1e-3
+    with pytest.raises(common.GateError, match="rel. error"):
+        common.gate("x", [ref.flip(0)], [ref], torch.float32)
+    with pytest.raises(common.GateError):
+        common.gate("x", [torch.full_like(ref, float("nan"))], [ref], torch.float32)
+
+
+def test_cpu_run_writes_complete_rows(tmp_path, capsys):
+    # In-process (the same code `make bench` runs) to spare a second import of torch and
+    # transformers; CPU timings are quick here because only the harness is under test.
+    assert run_all.main(["--cpu", "--tiny", "--results-dir", str(tmp_path)]) == 0
+    assert "Triton timings need a GPU" in capsys.readouterr().out
+
+    with (tmp_path / "sf_attn.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == common.COLUMNS
+        rows = list(reader)
+    assert {r["provider"] for r in rows} == {"sinklora_torch", "flex", "longlora_s2",
+                                             "sdpa_causal"}
+    assert {(r["N"], r["Hkv"]) for r in rows} == {("64", "4"), ("64", "2")}
+    for r in rows:
+        assert r["error"] == "", r
+        assert r["device"] == "cpu" and r["dtype"] == "float32" and r["peak_mem_mb"] == ""
+        for c in ("torch", "triton", "transformers", "git_sha", "timestamp", "run_id"):
+            assert r[c], c
+        p20, p50, p80 = float(r["ms_p20"]), float(r["ms_p50"]), float(r["ms_p80"])
+        assert 0 < p20 <= p50 <= p80
+        assert float(r["tflops"]) > 0
+        assert "gate rel.err" in r["note"] or r["provider"] == "sinklora_torch"
+    passes = {r["pass"] for r in rows if r["provider"] == "longlora_s2"}
+    assert passes == {"fwd", "bwd", "fwd+bwd"}
+    assert (tmp_path / "sf_attn.png").stat().st_size > 0
+    assert "## sf_attn" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_failing_provider_gets_error_rows_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("compile failed\nsecond line")
+
+    monkeypatch.setitem(sf_bench.PROVIDERS, "broken", broken)
+    device = torch.device("cpu")
+    env = common.environment(device)
+    shape = sf_bench.shapes(device, tiny=True)[:1]
+    rows = sf_bench.run(device, tmp_path / "sf.csv", env, common.Deadline(None), shape,
+                        ["broken", "longlora_s2"])
+    assert [(r["provider"], r["pass"]) for r in rows] == [
+        (p, s) for p in ("broken", "longlora_s2") for s in sf_bench.PASSES]
+    assert all(r["error"] == "RuntimeError: compile failed" for r in rows[:3])
+    assert all(not r.get("error") and r["ms_p50"] > 0 for r in rows[3:])
+    assert len(common.read_rows(tmp_path / "sf.csv")) == 6

@@ -1,0 +1,158 @@
+"""Shared pieces of the H2O tests: tolerances, a literal transcription of the spec (the oracle),
+a tiny Llama with sinklora attention, and a recorder of what its attention layers receive."""
+import contextlib
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import sinklora
+import sinklora.h2o
+
+# Relative error ``||out - ref|| / ||ref||`` against float64, per input dtype: fp16 rounds the
+# inputs and the output (~5e-4 each), bf16 keeps 8 bits.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out, ref):
+    """``||out - ref|| / ||ref||`` in float64; NaN anywhere in ``out`` makes it NaN."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def tiny_model(attn="sinklora", sharp=True):
+    """2 layers, 4 query heads on 2 kv heads, head dim 16, vocab 256, fp32, eval mode.
+
+    ``sharp`` scales the query projections up so that attention is peaked: random tiny models
+    otherwise attend almost uniformly and H2O keeps the earliest tokens whatever it computes.
+    """
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                         max_position_embeddings=2048, pad_token_id=0, attn_implementation=attn)
+    model = LlamaForCausalLM(config).eval()
+    if sharp:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(8.0)
+    return model
+
+
+@contextlib.contextmanager
+def recorded_attention(monkeypatch):
+    """Yields a list that collects, per H2O attention call, ``(layer_idx, query, key, value,
+    padding_mask)`` as sinklora's attention function receives them."""
+    calls = []
+    original = sinklora.h2o.maybe_attention
+
+    def recording(module, query, key, value, padding_mask, scaling):
+        calls.append((module.layer_idx, query.clone(), key.clone(), value.clone(),
+                      None if padding_mask is None else padding_mask.clone()))
+        return original(module, query, key, value, padding_mask, scaling)
+
+    monkeypatch.setattr(sinklora.h2o, "maybe_attention", recording)
+    yield calls
+
+
+class Oracle:
+    """The spec (``shared/spec/h2o.md``) for one attention layer, literally: per sequence and kv
+    head a Python list of entries ``[pos, acc, key, value]``, float64, one query at a time."""
+
+    def __init__(self, heavy_budget, recent_budget, num_sink, scale):
+        self.heavy, self.recent, self.sink = heavy_budget, recent_budget, num_sink
+        self.total = heavy_budget + recent_budget + num_sink
+        self.scale = scale
+        self.entries = None  # entries[b][g] = list of [pos, acc, key, value]
+        self.seen = None  # real tokens seen per sequence
+
+    def _attend(self, b, g, queries):
+        """Adds the probabilities of ``queries`` (``[R, D]``) over the real entries to acc."""
+        entries = self.entries[b][g]
+        real = [e for e in entries if e[0] >= 0]
+        keys = torch.stack([e[2] for e in real])
+        for q in queries:
+            p = torch.softmax(keys @ q * self.scale, 0)
+            for e, pj in zip(real, p.tolist()):
+                e[1] += pj
+
+    def _protected(self, b, e):
+        return e[0] >= 0 and (e[0] < self.sink or e[0] >= self.seen[b] - self.recent)
+
+    def prefill(self, q, k, v, real):
+        """q ``[B, Hq, n, D]``, k/v ``[B, Hkv, n, D]``, real ``[B, n]`` bool or None."""
+        q, k, v = q.double(), k.double(), v.double()
+        batch, num_heads, n, _ = q.shape
+        num_kv = k.shape[1]
+        group = num_heads // num_kv
+        real = torch.ones(batch, n, dtype=torch.bool) if real is None else real.cpu()
+        self.seen = [0] * batch
+        self.entries = [[[] for _ in range(num_kv)] for _ in range(batch)]
+        for b in range(batch):
+            for i in range(n):
+                pos = self.seen[b] if real[b, i] else -1
+                self.seen[b] += bool(real[b, i])
+                for g in range(num_kv):
+                    self.entries[b][g].append([pos, 0.0, k[b, g, i], v[b, g, i]])
+                    if real[b, i]:
+                        # The list holds tokens 0..i: query i sees exactly the causal prefix.
+                        self._attend(b, g, q[b, g * group:(g + 1) * group, i])
+            for g in range(num_kv):
+                entries = self.entries[b][g]
+                if len(entries) > self.total:
+                    keep = [e for e in entries if self._protected(b, e)]
+                    rest = sorted((e for e in entries if not self._protected(b, e)),
+                                  key=lambda e: (e[0] >= 0, e[1], e[0]), reverse=True)
+                    self.entries[b][g] = keep + rest[: self.total - len(keep)]
+
+    def decode(self, q, k, v, real):
+        """q ``[B, Hq, D]``, k/v ``[B, Hkv, D]``, real ``[B]`` bool or None."""
+        q, k, v = q.double(), k.double(), v.double()
+        batch, num_heads, _ = q.shape
+        num_kv = k.shape[1]
+        group = num_heads // num_kv
+        for b in range(batch):
+            is_real = True if real is None else bool(real[b])
+            pos = self.seen[b] if is_real else -1
+            self.seen[b] += is_real
+            for g in range(num_kv):
+                entries = self.entries[b][g]
+                entries.append([pos, 0.0, k[b, g], v[b, g]])
+                if is_real:  # a pad's query, like a pad's key, adds nothing to any score
+                    self._attend(b, g, q[b, g * group:(g + 1) * group])
+                if len(entries) > self.total:
+                    candidates = [e for e in entries if not self._protected(b, e)]
+                    # Pads first, then the smallest acc, ties to the smallest position.
+                    victim = min(candidates, key=lambda e: (e[0] >= 0, e[1], e[0]))
+                    entries.remove(victim)
+
+    def kept(self):
+        """``[B][Hkv]`` sorted real positions, and ``[B][Hkv]`` number of pads, stored."""
+        positions = [[sorted(e[0] for e in hd if e[0] >= 0) for hd in seq] for seq in self.entries]
+        pads = [[sum(e[0] < 0 for e in hd) for hd in seq] for seq in self.entries]
+        return positions, pads
+
+    def scores(self):
+        """``[B][Hkv]`` dict position -> acc of the stored real entries."""
+        return [[{e[0]: e[1] for e in hd if e[0] >= 0} for hd in seq] for seq in self.entries]
+
+
+def state_view(positions, scores):
+    """The same summary as ``Oracle.kept()`` / ``.scores()`` for a cache layer or state."""
+    batch, num_kv, _ = positions.shape
+    kept = [[sorted(p for p in positions[b, g].tolist() if p >= 0) for g in range(num_kv)]
+            for b in range(batch)]
+    pads = [[int((positions[b, g] < 0).sum()) for g in range(num_kv)] for b in range(batch)]
+    acc = [[{p: s for p, s in zip(positions[b, g].tolist(), scores[b, g].tolist()) if p >= 0}
+            for g in range(num_kv)] for b in range(batch)]
+    return kept, pads, acc
+
+
+def assert_matches_oracle(oracle, positions, scores, tol, what):
+    """Kept real positions and pad counts equal the oracle's; scores agree to ``tol`` (relative
+    to the largest score)."""
+    kept, pads, acc = state_view(positions, scores)
+    want_kept, want_pads = oracle.kept()
+    assert kept == want_kept, f"{what}: kept positions {kept} != oracle {want_kept}"
+    assert pads == want_pads, f"{what}: stored pads {pads} != oracle {want_pads}"
+    for got_bg, want_bg in zip(sum(acc, []), sum(oracle.scores(), [])):
+        top = max(want_bg.values())
+        worst = max(abs(got_bg[p] - want_bg[p]) for p in want_bg) / top
+        assert worst <= tol, f"{what}: scores off by {worst:.3g} (relative to the largest)"

@@ -1,0 +1,175 @@
+"""The Triton kernels (``sinklora/kernels/h2o_*.py``) against the plain PyTorch path run on the
+same inputs in float64, and the PyTorch prefill against dense ``n x n`` float64 attention.
+
+Shapes: batch 2, 4 query heads on 2 kv heads (GQA), prompts and stored entries that are not a
+multiple of the kernels' 64-entry blocks, decode split over 1 and 3 chunks."""
+import pytest
+import torch
+
+from conftest import KERNEL_DTYPES
+from h2o_helpers import TOL, rel_err
+from sinklora.h2o.budget import H2OBudget
+from sinklora.h2o.reference import decode_torch, prefill_torch
+from sinklora.h2o.state import H2OState
+from sinklora.kernels.h2o_decode import h2o_decode_fwd
+from sinklora.kernels.h2o_prefill import h2o_prefill_fwd
+
+BATCH, HQ, HKV, D = 2, 4, 2, 16
+SCALE = D ** -0.5
+DTYPE_IDS = [str(dt)[6:] for dt in KERNEL_DTYPES]
+
+
+def left_padding(n, pads, device):
+    """``[B, n]`` bool: sequence b starts with ``pads[b]`` pad tokens."""
+    return torch.arange(n, device=device)[None, :] >= torch.tensor(pads, device=device)[:, None]
+
+
+def dense_prefill(q, k, v, real):
+    """Prefill by the definition, float64, with the whole ``n x n`` probability matrix."""
+    q, k, v = q.double(), k.double(), v.double()
+    n = q.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    visible = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None, None]
+    visible = visible & real[:, None, None, :]
+    logits = (q @ k.transpose(-1, -2) * SCALE).masked_fill(~visible, float("-inf"))
+    p = torch.softmax(logits, -1).nan_to_num(0.0)  # a pad query sees nothing: a zero row
+    out = (p @ v).transpose(1, 2)
+    acc = (p * real[:, None, :, None]).sum(2)  # column sums over real queries
+    return out, acc.view(q.shape[0], -1, group, n).sum(2)
+
+
+@pytest.mark.parametrize("pads", [(0, 0), (0, 7)], ids=["unpadded", "left-padded"])
+def test_prefill_torch_matches_dense_attention(pads, device):
+    n = 70
+    q = torch.randn(BATCH, HQ, n, D, device=device, dtype=torch.float64) * 2
+    k, v = (torch.randn(BATCH, HKV, n, D, device=device, dtype=torch.float64) for _ in range(2))
+    real = left_padding(n, pads, device)
+    out, acc = prefill_torch(q, k, v, real if any(pads) else None, SCALE)
+    want_out, want_acc = dense_prefill(q, k, v, real)
+    assert rel_err(out, want_out) <= TOL[torch.float64]
+    assert rel_err(acc, want_acc) <= TOL[torch.float64]
+    # Every real query spreads probability 1 over the keys: the scores add up to that.
+    assert torch.allclose(acc.sum(-1), real.sum(-1, keepdim=True).double() * (HQ // HKV))
+    assert (acc[~real[:, None, :].expand_as(acc)] == 0).all(), "a pad key got a score"
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("pads", [(0, 0), (5, 0)], ids=["unpadded", "left-padded"])
+def test_prefill_kernels_match_torch(dtype, pads, device):
+    n = 70  # two 64-token blocks, the second partial
+    q = (torch.randn(BATCH, HQ, n, D, device=device) * 2).to(dtype)
+    k, v = (torch.randn(BATCH, HKV, n, D, device=device).to(dtype) for _ in range(2))
+    real = left_padding(n, pads, device) if any(pads) else None
+    out = torch.full((BATCH, n, HQ, D), float("nan"), device=device, dtype=dtype)
+    out, acc = h2o_prefill_fwd(q, k, v, real, SCALE, out=out)
+    want_out, want_acc = prefill_torch(q.double(), k.double(), v.double(), real, SCALE)
+    assert out.dtype == dtype and acc.dtype == torch.float32
+    assert torch.isfinite(out).all() and torch.isfinite(acc).all()
+    assert rel_err(out, want_out) <= TOL[dtype]
+    assert rel_err(acc, want_acc) <= max(TOL[dtype], TOL[torch.float32])
+
+
+def random_state(length, capacity, next_position, num_pads, dtype, device):
+    """A state with ``length`` random entries per (b, g): distinct random positions below
+    ``next_position[b]``, positive random scores, and ``num_pads[b]`` pad entries."""
+    keys = torch.randn(BATCH, HKV, capacity, D, device=device).to(dtype)
+    values = torch.randn(BATCH, HKV, capacity, D, device=device).to(dtype)
+    positions = torch.full((BATCH, HKV, capacity), -7, device=device, dtype=torch.long)
+    for b in range(BATCH):
+        for g in range(HKV):
+            real = length - num_pads[b]
+            chosen = torch.randperm(next_position[b], device=device)[:real]
+            slots = torch.randperm(length, device=device)
+            positions[b, g, slots[:real]] = chosen
+            positions[b, g, slots[real:]] = -1
+    scores = torch.rand(BATCH, HKV, capacity, device=device) * 4
+    scores[positions == -1] = 0.0
+    return H2OState(keys, values, positions, scores, length,
+                    torch.tensor(next_position, device=device))
+
+
+def as_float64(state):
+    """A float64 copy of ``state`` (scores included) for the reference path."""
+    return H2OState(state.key_buffer.double(), state.value_buffer.double(),
+                    state.position_buffer.clone(), state.score_buffer.double(), state.length,
+                    state.next_position.clone())
+
+
+DECODE_CASES = {
+    # name: (stored entries, budget, pads per sequence, new_real)
+    "evict": (150, 150, (0, 0), None),
+    "evict-pads": (150, 150, (0, 4), None),
+    "append": (150, 160, (0, 0), None),
+    "evict-new-pad": (150, 150, (2, 0), (True, False)),
+}
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_decode_kernels_match_torch(case, num_splits, dtype, device):
+    length, total, pads, new_real = DECODE_CASES[case]
+    budget = H2OBudget(heavy_budget=total - 12, recent_budget=8, num_sink=4)
+    state = random_state(length, total, [400, 333], pads, dtype, device)
+    want = as_float64(state)
+    q = (torch.randn(BATCH, HQ, D, device=device) * 2).to(dtype)
+    k_new, v_new = (torch.randn(BATCH, HKV, D, device=device).to(dtype) for _ in range(2))
+    real = None if new_real is None else torch.tensor(new_real, device=device)
+
+    out = torch.full_like(q, float("nan"))
+    h2o_decode_fwd(q, k_new, v_new, state.key_buffer, state.value_buffer, state.position_buffer,
+                   state.score_buffer, state.next_position, length, budget.total,
+                   budget.recent_budget, budget.num_sink, SCALE, new_real=real, out=out,
+                   num_splits=num_splits)
+    want_out = decode_torch(q.double(), want, k_new.double(), v_new.double(), real, budget, SCALE)
+
+    assert torch.isfinite(out).all()
+    assert rel_err(out, want_out) <= TOL[dtype]
+    stored = slice(0, min(length + 1, total))
+    assert torch.equal(state.position_buffer[..., stored], want.position_buffer[..., stored])
+    assert torch.equal(state.next_position, want.next_position)
+    assert torch.equal(state.key_buffer[:, :, stored].double(), want.key_buffer[:, :, stored])
+    assert torch.equal(state.value_buffer[:, :, stored].double(), want.value_buffer[:, :, stored])
+    assert rel_err(state.score_buffer[..., stored], want.score_buffer[..., stored]) <= TOL[torch.float32]
+
+
+def test_decode_kernel_reuses_its_tickets(device):
+    """The last program of each (b, g) resets its ticket, so one buffer serves every step."""
+    budget = H2OBudget(heavy_budget=120, recent_budget=6, num_sink=4)
+    state = random_state(130, 130, [300, 200], (0, 0), torch.float32, device)
+    want = as_float64(state)
+    tickets = torch.zeros(BATCH * HKV, device=device, dtype=torch.int32)
+    for _ in range(3):
+        q = torch.randn(BATCH, HQ, D, device=device)
+        k_new, v_new = torch.randn(BATCH, HKV, D, device=device), torch.randn(BATCH, HKV, D, device=device)
+        h2o_decode_fwd(q, k_new, v_new, state.key_buffer, state.value_buffer,
+                       state.position_buffer, state.score_buffer, state.next_position, 130,
+                       budget.total, budget.recent_budget, budget.num_sink, SCALE,
+                       tickets=tickets, num_splits=3)
+        decode_torch(q.double(), want, k_new.double(), v_new.double(), None, budget, SCALE)
+        assert not tickets.any()
+    assert torch.equal(state.position_buffer, want.position_buffer)
+
+
+def test_kernels_take_fp32_queries_keys_with_16bit_values(device):
+    """Under autocast, RoPE leaves q and k in fp32 while v stays 16-bit: both kernels accept it."""
+    n, half = 70, torch.float16
+    q, k = torch.randn(BATCH, HQ, n, D, device=device) * 2, torch.randn(BATCH, HKV, n, D, device=device)
+    v = torch.randn(BATCH, HKV, n, D, device=device).to(half)
+    out, acc = h2o_prefill_fwd(q, k, v, None, SCALE)
+    want_out, want_acc = prefill_torch(q.double(), k.double(), v.double(), None, SCALE)
+    assert rel_err(out, want_out) <= TOL[half] and rel_err(acc, want_acc) <= TOL[torch.float32]
+
+    budget = H2OBudget(heavy_budget=60, recent_budget=6, num_sink=4)
+    state = random_state(70, 70, [90, 80], (0, 0), torch.float32, device)
+    state.value_buffer = state.value_buffer.to(half)
+    want = as_float64(state)
+    q_new, k_new = torch.randn(BATCH, HQ, D, device=device), torch.randn(BATCH, HKV, D, device=device)
+    v_new = torch.randn(BATCH, HKV, D, device=device).to(half)
+    out = h2o_decode_fwd(q_new, k_new, v_new, state.key_buffer, state.value_buffer,
+                         state.position_buffer, state.score_buffer, state.next_position, 70,
+                         budget.total, budget.recent_budget, budget.num_sink, SCALE, num_splits=2)
+    want_out = decode_torch(q_new.double(), want, k_new.double(), v_new.double(), None, budget, SCALE)
+    assert rel_err(out, want_out) <= TOL[half]
+    assert torch.equal(state.position_buffer, want.position_buffer)

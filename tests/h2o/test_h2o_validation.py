@@ -1,0 +1,71 @@
+"""Bad arguments to the H2O entry points raise ``ValueError`` / ``TypeError`` naming them."""
+import numpy as np
+import pytest
+import torch
+
+from sinklora import H2OCache, h2o_decode, h2o_prefill
+
+BUDGET = dict(heavy_budget=4, recent_budget=2, num_sink=1)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(heavy_budget=-1, recent_budget=2), "heavy_budget"),
+    (dict(heavy_budget=2, recent_budget=-3), "recent_budget"),
+    (dict(heavy_budget=2, recent_budget=2, num_sink=-1), "num_sink"),
+    (dict(heavy_budget=2.0, recent_budget=2), "heavy_budget"),
+    (dict(heavy_budget=2, recent_budget="4"), "recent_budget"),
+    (dict(heavy_budget=2, recent_budget=2, num_sink=True), "num_sink"),
+    (dict(heavy_budget=0, recent_budget=0, num_sink=0), "total budget"),
+    (dict(heavy_budget=2, recent_budget=2, backend="cuda"), "backend"),
+])
+def test_cache_rejects_bad_budgets(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        H2OCache(**kwargs)
+
+
+def test_cache_accepts_numpy_like_integers():
+    cache = H2OCache(heavy_budget=np.int64(3), recent_budget=2)
+    assert cache.budget.total == 5
+
+
+def qkv(n=5, hq=4, hkv=2, d=16, dtype=torch.float32):
+    return (torch.randn(2, hq, n, d, dtype=dtype), torch.randn(2, hkv, n, d, dtype=dtype),
+            torch.randn(2, hkv, n, d, dtype=dtype))
+
+
+def test_prefill_rejects_bad_tensors():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="heavy_budget"):
+        h2o_prefill(q, k, v, heavy_budget=-2, recent_budget=1)
+    with pytest.raises(ValueError, match="query must be 4-D"):
+        h2o_prefill(q[0], k, v, **BUDGET)
+    with pytest.raises(ValueError, match="key must be"):
+        h2o_prefill(q, torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16), **BUDGET)
+    with pytest.raises(TypeError, match="share a dtype"):
+        h2o_prefill(q, k.double(), v.double(), **BUDGET)
+    with pytest.raises(ValueError, match="padding_mask"):
+        h2o_prefill(q, k, v, padding_mask=torch.ones(2, 4), **BUDGET)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        h2o_prefill(q, k, v, softmax_scale=-1.0, **BUDGET)
+    with pytest.raises(ValueError, match="backend"):
+        h2o_prefill(q, k, v, backend="fast", **BUDGET)
+
+
+def test_kernels_refuse_float64(device):
+    q, k, v = (t.to(device, torch.float64) for t in qkv())
+    with pytest.raises(TypeError, match="Triton kernels take"):
+        h2o_prefill(q, k, v, backend="triton", **BUDGET)
+
+
+def test_decode_rejects_a_state_that_does_not_fit():
+    q, k, v = qkv()
+    _, state = h2o_prefill(q, k, v, backend="torch", **BUDGET)
+    step = (q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    with pytest.raises(TypeError, match="state must be an H2OState"):
+        h2o_decode(step[0], "state", step[1], step[2], **BUDGET)
+    with pytest.raises(ValueError, match="state holds"):
+        h2o_decode(step[0][:1], state, step[1][:1], step[2][:1], **BUDGET)
+    with pytest.raises(ValueError, match="more than the budget"):
+        h2o_decode(*step[:1], state, *step[1:], heavy_budget=1, recent_budget=1)
+    with pytest.raises(ValueError, match="padding_mask"):
+        h2o_decode(*step[:1], state, *step[1:], padding_mask=torch.ones(3), **BUDGET)

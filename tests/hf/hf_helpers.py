@@ -1,0 +1,35 @@
+"""Shared pieces of the glue tests: tiny random decoder models (2 layers, GQA 4:2, hidden 64,
+vocab 256) and the relative error."""
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+import sinklora
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def build(arch="llama", attn="sdpa", **settings):
+    """A tiny ``arch`` model in fp32; with ``attn="sinklora"`` switched by replace_llama_attn."""
+    config_cls, model_cls = ARCHS[arch]
+    model = model_cls(config_cls(**TINY, attn_implementation="sdpa"))
+    # Random norm weights, so a test also sees whether norms and their gradients line up.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    if attn == "sinklora":
+        sinklora.replace_llama_attn(model, **settings)
+    return model
+
+
+def rel_err(actual, expected):
+    """Relative error of ``actual`` against ``expected`` (Frobenius norms, float64)."""
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm()).item()

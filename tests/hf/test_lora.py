@@ -1,0 +1,121 @@
+"""LongLoRA's recipe: lora_config() with peft, gradient checkpointing through SF-Attn, and
+extend_context()'s linear position interpolation."""
+import math
+
+import peft
+import pytest
+import torch
+from hf_helpers import build, rel_err
+from transformers import LlamaConfig
+
+import sinklora
+from sinklora.train import enable_checkpointing
+
+
+def test_lora_config_is_longloras_recipe():
+    cfg = sinklora.lora_config()
+    assert isinstance(cfg, peft.LoraConfig)
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.bias) == (8, 16, 0.05, "none")
+    assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(cfg.modules_to_save) == {"embed_tokens", "norm"}
+    assert cfg.task_type == "CAUSAL_LM"
+
+
+def test_trainable_parameters():
+    model = peft.get_peft_model(build("llama", "sinklora"), sinklora.lora_config(r=4, alpha=8))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    kinds = {n.split(".")[-3] if "lora_" in n else n.split(".modules_to_save")[0].split(".")[-1]
+             for n in trainable}
+    assert kinds == {"lora_A", "lora_B", "embed_tokens", "input_layernorm",
+                     "post_attention_layernorm", "norm"}
+    lora = [n for n in trainable if "lora_" in n]
+    assert len(lora) == 2 * 4 * 2  # A and B, q/k/v/o, 2 layers
+    assert not any("mlp" in n or "lm_head" in n for n in trainable)
+
+
+def test_gradient_checkpointing_backward_matches_plain():
+    """peft LoRA + gradient checkpointing + SF-Attn: same loss and gradients as without."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        base = build("llama", "sinklora", group_size=8)
+        if checkpointing:
+            enable_checkpointing(base)
+            assert base.model.gradient_checkpointing
+        model = peft.get_peft_model(base, sinklora.lora_config()).train()
+        with torch.no_grad():  # LoRA B starts at 0; nonzero so A gets a gradient too
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        torch.manual_seed(1)
+        input_ids = torch.randint(0, 256, (2, 40))
+        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+        results.append((loss.detach(), grads))
+    (loss0, grads0), (loss1, grads1) = results
+    assert torch.allclose(loss0, loss1, rtol=1e-6)
+    for name, g in grads0.items():
+        assert rel_err(grads1[name], g) < 1e-5, name
+
+
+@pytest.mark.parametrize("kwargs, name, error", [
+    (dict(r=0), "r", ValueError),
+    (dict(r=2.0), "r", TypeError),
+    (dict(alpha=-1), "alpha", ValueError),
+    (dict(alpha="16"), "alpha", TypeError),
+    (dict(dropout=1.0), "dropout", ValueError),
+    (dict(target_modules="q_proj"), "target_modules", TypeError),
+    (dict(target_modules=()), "target_modules", ValueError),
+    (dict(trainable_modules=[3]), "trainable_modules", TypeError),
+])
+def test_lora_config_bad_arguments(kwargs, name, error):
+    with pytest.raises(error, match=name):
+        sinklora.lora_config(**kwargs)
+
+
+@pytest.mark.parametrize("max_length, factor", [(1000, 4), (1024, 4), (1025, 5), (100, 1)])
+def test_extend_context_config(max_length, factor):
+    config = LlamaConfig(max_position_embeddings=256, rope_theta=5000.0)
+    assert sinklora.extend_context(config, max_length) == factor
+    assert factor == max(1, math.ceil(max_length / 256))
+    assert config.max_position_embeddings == 256 * factor
+    expected = ({"rope_type": "default", "rope_theta": 5000.0} if factor == 1 else
+                {"rope_type": "linear", "factor": float(factor), "rope_theta": 5000.0})
+    assert config.rope_parameters == expected
+    # Again, from the extended config: still measured against the original 256 positions.
+    assert sinklora.extend_context(config, 2 * max_length) == math.ceil(2 * max_length / 256)
+    assert config.max_position_embeddings == 256 * math.ceil(2 * max_length / 256)
+
+
+def test_extend_context_interpolates_model_positions():
+    """After extend_context(model, 4 * L), position p rotates like position p / 4 did."""
+    model = build("llama").eval()
+    original = model.model.rotary_emb
+    x = torch.randn(1, 8, 16)
+    positions = torch.arange(0, 64, 4)[None]
+    input_ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        cos0, sin0 = original(x, positions // 4)
+        logits0 = model(input_ids=input_ids, position_ids=positions // 4).logits
+        assert sinklora.extend_context(model, 4 * 256) == 4
+        cos1, sin1 = model.model.rotary_emb(x, positions)
+        logits1 = model(input_ids=input_ids, position_ids=positions).logits
+    assert model.model.rotary_emb is not original
+    assert rel_err(cos1, cos0) < 1e-6 and rel_err(sin1, sin0) < 1e-6
+    assert rel_err(logits1, logits0) < 1e-5
+
+
+def test_extend_context_bad_arguments():
+    with pytest.raises(ValueError, match="max_length"):
+        sinklora.extend_context(LlamaConfig(), 0)
+    with pytest.raises(TypeError, match="max_length"):
+        sinklora.extend_context(LlamaConfig(), 4096.0)
+    with pytest.raises(TypeError, match="model_or_config"):
+        sinklora.extend_context({"max_position_embeddings": 2048}, 4096)
+    llama3 = LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192})
+    with pytest.raises(ValueError, match="rope_type"):
+        sinklora.extend_context(llama3, 65536)

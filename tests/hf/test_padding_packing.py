@@ -1,0 +1,114 @@
+"""Padded (left / right) and packed batches give each sequence / document exactly what it gets
+alone: logits at real tokens and the gradients of a per-token loss, in training (SF-Attn, groups
+and sinks per document) and in evaluation (full causal attention per document)."""
+import pytest
+import torch
+from hf_helpers import build, rel_err
+from transformers import DataCollatorWithFlattening
+
+import sinklora
+from sinklora import hf
+
+TOL, GRAD_TOL = 2e-5, 1e-4
+N = 37
+
+
+def _loss(logits, targets):
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                             reduction="sum")
+
+
+def _grads(model):
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _alone(model, docs, targets):
+    """Logits and loss gradients of each document run as its own unpadded batch of one."""
+    logits, loss = [], 0
+    for ids, tgt in zip(docs, targets):
+        out = model(input_ids=ids[None], use_cache=False).logits[0]
+        logits.append(out)
+        loss = loss + _loss(out[None], tgt[None])
+    loss.backward()
+    return [x.detach() for x in logits], _grads(model)
+
+
+def _check(batch_logits, index, alone_logits, grads, alone_grads):
+    for (row, cols), expected in zip(index, alone_logits):
+        assert rel_err(batch_logits[row, cols], expected) < TOL
+    assert grads.keys() == alone_grads.keys()
+    for name, g in grads.items():
+        assert rel_err(g, alone_grads[name]) < GRAD_TOL, name
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_matches_each_sequence(side, training):
+    # The batch's G comes from its padded length, so the lone runs use that G explicitly.
+    group_size = hf.group_size_for(hf.sf_settings(), N)
+    model = build("llama", "sinklora").train(training)
+    lengths = [N, 25, 12]
+    docs = [torch.randint(0, 256, (n,)) for n in lengths]
+    targets = [torch.randint(0, 256, (n,)) for n in lengths]
+    input_ids = torch.zeros(len(lengths), N, dtype=torch.long)
+    mask = torch.zeros(len(lengths), N, dtype=torch.long)
+    index = []
+    for row, n in enumerate(lengths):
+        cols = slice(0, n) if side == "right" else slice(N - n, N)
+        input_ids[row, cols], mask[row, cols] = docs[row], 1
+        index.append((row, cols))
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    _loss(torch.cat([logits[r, c] for r, c in index])[None],
+          torch.cat(targets)[None]).backward()
+    grads = _grads(model)
+
+    sinklora.replace_llama_attn(model, group_size=group_size)
+    alone_logits, alone_grads = _alone(model, docs, targets)
+    _check(logits.detach(), index, alone_logits, grads, alone_grads)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_packed_batch_matches_each_document(training):
+    """Two rows: documents 13, 9, 13, 2 packed by DataCollatorWithFlattening; 20, 10 + 7 pads."""
+    model = build("llama", "sinklora", group_size=8, num_sink=3).train(training)
+    rows = [[13, 9, 13, 2], [20, 10]]
+    docs = [[torch.randint(0, 256, (n,)) for n in row] for row in rows]
+    targets = [torch.randint(0, 256, (n,)) for n in sum(rows, [])]
+    packed = DataCollatorWithFlattening()([{"input_ids": d.tolist()} for d in docs[0]])
+    second = torch.cat(docs[1])
+    input_ids = torch.zeros(2, N, dtype=torch.long)
+    position_ids = torch.zeros(2, N, dtype=torch.long)
+    mask = torch.zeros(2, N, dtype=torch.long)
+    input_ids[0], position_ids[0], mask[0] = packed["input_ids"][0], packed["position_ids"][0], 1
+    input_ids[1, :30], mask[1, :30] = second, 1
+    position_ids[1, :30] = torch.cat([torch.arange(20), torch.arange(10)])
+    index, start = [], 0
+    for row, lengths in enumerate(rows):
+        start = 0
+        for n in lengths:
+            index.append((row, slice(start, start + n)))
+            start += n
+    # Row 0 alone with no padding mask: transformers passes None, the positions carry the split.
+    for attention_mask in (None, mask):
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        ids = input_ids if attention_mask is not None else input_ids[:1]
+        pos = position_ids if attention_mask is not None else position_ids[:1]
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False, **kwargs).logits
+        used = index if attention_mask is not None else index[:4]
+        _loss(torch.cat([logits[r, c] for r, c in used])[None],
+              torch.cat(targets[:len(used)])[None]).backward()
+        grads = _grads(model)
+        flat_docs = sum(docs, [])[:len(used)]
+        alone_logits, alone_grads = _alone(model, flat_docs, targets[:len(used)])
+        _check(logits.detach(), used, alone_logits, grads, alone_grads)
+
+
+def test_packed_sequences_with_cached_keys_raise():
+    model = build("llama", "sinklora").eval()
+    with torch.no_grad():
+        past = model(input_ids=torch.randint(0, 256, (1, 8)), use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="packed"):
+            model(input_ids=torch.randint(0, 256, (1, 6)), past_key_values=past,
+                  position_ids=torch.tensor([[8, 9, 10, 0, 1, 2]]))

@@ -1,0 +1,121 @@
+"""``python -m sinklora.train``: a couple of steps of the tiny model on a text file save a usable
+adapter; the corpus pieces and the command line are checked."""
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sinklora import train
+
+TEXT = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
+
+
+def test_train_tiny_saves_adapter(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sinklora.train", "--tiny", "--data", str(TEXT),
+           "--output-dir", str(out), "--seq-len", "64", "--batch-size", "2", "--steps", "2",
+           "--lr", "1e-3", "--warmup-steps", "0", "--group-size", "8"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "loss=" in run.stderr and "tok_s=" in run.stderr  # the tqdm bar
+    assert "adapter saved" in run.stdout
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 16
+    weights = load_file(out / "adapter_model.safetensors")
+    lora_b = [t for n, t in weights.items() if "lora_B" in n]
+    assert len(lora_b) == 8 and all(t.abs().sum() > 0 for t in lora_b)  # B starts at 0: trained
+    assert any("embed_tokens" in n for n in weights) and any("norm" in n for n in weights)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "default"  # 64 <= the tiny model's 256
+    assert saved["sinklora"]["group_size"] == 8
+
+    base = LlamaForCausalLM.from_pretrained(out / "base_model")
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.randint(0, 257, (1, 16))).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_train_local_checkpoint_with_its_tokenizer(tmp_path):
+    """--model: a saved Llama checkpoint and its tokenizer (a small byte-level BPE here)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([TEXT.read_text()], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    checkpoint, out = tmp_path / "llama", tmp_path / "run"
+    tokenizer.save_pretrained(checkpoint)
+    LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=32,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id)).save_pretrained(checkpoint)
+    train.main(["--model", str(checkpoint), "--data", str(TEXT), "--output-dir", str(out),
+                "--seq-len", "100", "--batch-size", "2", "--steps", "2", "--lr", "1e-3",
+                "--no-gradient-checkpointing"])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "linear"
+    assert saved["rope_parameters"]["factor"] == 4.0  # ceil(100 / 32)
+    assert saved["max_position_embeddings"] == 128
+    assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--help"])
+    assert exc.value.code == 0
+    parser_help = capsys.readouterr().out
+    for flag in ("--model", "--tiny", "--data", "--pattern", "--output-dir", "--seq-len",
+                 "--batch-size", "--grad-accum", "--steps", "--lr", "--warmup-steps",
+                 "--weight-decay", "--max-grad-norm", "--lora-r", "--lora-alpha",
+                 "--group-size-ratio", "--group-size", "--num-sink", "--mode",
+                 "--no-gradient-checkpointing", "--device", "--seed"):
+        assert flag in parser_help
+    assert parser_help.count("(default:") >= 15
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "x", "--output-dir", "o"], "--model --tiny"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--seq-len", "0"], "--seq-len"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--group-size", "7"], "group_size"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--mode", "s3"], "--mode"),
+])
+def test_bad_flags_exit(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_corpus(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("héllo")
+    (tmp_path / "sub" / "b.txt").write_text("ab")
+    (tmp_path / "c.md").write_text("skipped by the pattern")
+    files = train.corpus_files([tmp_path], "*.txt")
+    assert [f.name for f in files] == ["a.txt", "b.txt"]
+    tokens = train.tokenize_corpus(files, None, train.BYTE_EOS)
+    assert tokens.tolist() == [*"héllo".encode(), train.BYTE_EOS, *b"ab", train.BYTE_EOS]
+    batches = train.blocks(tokens, 3, 2, torch.Generator().manual_seed(0))
+    first = next(batches)
+    assert first.shape == (2, 3)
+    table = [tuple(b) for b in tokens[:9].view(3, 3).tolist()]
+    rows = [tuple(r) for r in first.tolist()]
+    assert rows[0] != rows[1] and all(r in table for r in rows)
+    with pytest.raises(ValueError, match="--seq-len"):
+        next(train.blocks(tokens, 6, 2, torch.Generator()))
+    with pytest.raises(FileNotFoundError, match="--data"):
+        train.corpus_files([tmp_path / "missing"], "*.txt")
+    with pytest.raises(FileNotFoundError, match="--data"):
+        train.corpus_files([tmp_path], "*.rst")

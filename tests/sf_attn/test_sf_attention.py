@@ -1,0 +1,89 @@
+"""``sinklora.sf_attention``: forward and dq, dk, dv of both backends against the float64 dense
+reference, on a covering set of shapes (see ``sf_helpers.CASES``)."""
+import pytest
+import torch
+
+from conftest import KERNEL_DTYPES
+from sf_helpers import (CASES, Case, assert_close, check_against_reference, make_inputs,
+                        poison_kernel_outputs)
+from sinklora import sf_attention
+from sinklora.sf_attn import sf_attention_reference
+
+# The fallback runs on any floating dtype (it accumulates in at least fp32).
+TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKEND_DTYPES = ([("torch", dt) for dt in TORCH_DTYPES]
+                  + [("triton", dt) for dt in KERNEL_DTYPES])
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES,
+                         ids=[f"{b}-{str(dt)[6:]}" for b, dt in BACKEND_DTYPES])
+def test_forward_backward_match_reference(case, backend, dtype, device, monkeypatch):
+    if backend == "triton":
+        poison_kernel_outputs(monkeypatch)
+    q, k, v = make_inputs(case, dtype, device, requires_grad=True)
+    check_against_reference(q, k, v, backend, case.kwargs())
+
+
+def test_auto_backend_on_cpu_is_the_fallback():
+    case = CASES[0]
+    q, k, v = make_inputs(case, torch.float32, "cpu", requires_grad=True)
+    auto = sf_attention(q, k, v, backend="auto", **case.kwargs())
+    fallback = sf_attention(q, k, v, backend="torch", **case.kwargs())
+    assert torch.equal(auto, fallback)
+    d_out = torch.randn_like(auto)
+    for g_auto, g_torch in zip(torch.autograd.grad(auto, (q, k, v), d_out),
+                               torch.autograd.grad(fallback, (q, k, v), d_out)):
+        assert torch.equal(g_auto, g_torch)
+
+
+def test_default_arguments_are_four_sinks_half_the_heads_shifted_sf_mode(device):
+    case = CASES[0]
+    q, k, v = make_inputs(case, torch.float32, device)
+    out = sf_attention(q, k, v, group_size=case.group_size)
+    ref = sf_attention_reference(q, k, v, group_size=case.group_size, num_sink=4,
+                                 shift_heads=case.hq // 2, mode="sf",
+                                 softmax_scale=case.d ** -0.5)
+    assert_close(out, ref, torch.float32, "out")
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "strided-d"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_contiguous_inputs(layout, backend, device, monkeypatch):
+    """transformers hands attention q/k/v as ``[B, N, H, D]`` transposed to ``[B, H, N, D]``;
+    a view with a strided head dim must work too (copied, never read wrongly)."""
+    if backend == "triton":
+        poison_kernel_outputs(monkeypatch)
+    case = Case(2, 4, 2, 27, 16, 8, 4, None, "sf")
+    if layout == "bnhd":
+        q, k, v = (torch.randn(case.batch, case.n, h, case.d, device=device).transpose(1, 2)
+                   for h in (case.hq, case.hkv, case.hkv))
+    else:
+        q, k, v = (torch.randn(case.batch, h, case.n, 2 * case.d, device=device)[..., ::2]
+                   for h in (case.hq, case.hkv, case.hkv))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert not any(t.is_contiguous() for t in (q, k, v))
+    check_against_reference(q, k, v, backend, case.kwargs())
+
+
+# Tiles larger than a group, BLOCK_M != BLOCK_N, a query tile spanning several groups and the
+# sink block: the compiled tile sizes, which the interpreter would otherwise never run.
+COMPILED_TILE_CASES = [
+    Case(1, 4, 2, 100, 64, 24, 4, None, "sf"),
+    Case(1, 2, 1, 160, 32, 40, 4, 1, "s2"),
+    Case(1, 2, 2, 70, 16, 6, 20, None, "sf"),
+    Case(1, 2, 2, 37, 128, 64, 4, None, "sf"),
+    Case(1, 2, 2, 50, 256, 16, 4, 2, "sf"),
+]
+
+
+@pytest.mark.parametrize("case", COMPILED_TILE_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_compiled_tile_sizes(case, dtype, device, monkeypatch):
+    from sinklora.kernels import sf_attn as launchers
+
+    # The launchers pick small tiles only when interpreted; make them pick the GPU ones.
+    monkeypatch.setattr(launchers, "_interpreted", lambda: False)
+    poison_kernel_outputs(monkeypatch)
+    q, k, v = make_inputs(case, dtype, device, requires_grad=True)
+    check_against_reference(q, k, v, "triton", case.kwargs())
