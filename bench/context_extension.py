@@ -19,8 +19,9 @@ validation windows. Per seed, ``recovery = (ppl_base - ppl_arm) / (ppl_base - pp
 with ``ppl_base`` the un-extended base (the issue's definition); ``recovery_vs_pi`` uses the
 interpolated base instead, which is harder to recover from. Mean and sample std over seeds.
 
-Finished runs are kept in the cache directory (``--cache-dir``), keyed by the checkpoint and
-the recipe: a run stopped by ``--time-budget`` continues where it stopped when started again.
+Finished runs are kept in the cache directory (``--cache-dir``), keyed by the checkpoint, the
+recipe and the git sha (``BENCH_GIT_SHA`` where there is no ``.git``): a run stopped by
+``--time-budget`` continues where it stopped when started again; changed code starts over.
 Results: ``<results dir>/context_extension{,_smoke}.{md,csv,png}``.
 """
 import dataclasses
@@ -74,8 +75,9 @@ SMOKE_EXTENSION = ExtensionRecipe(factor=4, batch=2, steps=3, lr=1e-3, warmup=1,
                                   eval_windows=4, eval_batch=4)
 
 
-def _run_key(checkpoint, recipe):
-    spec = {"checkpoint": Path(checkpoint).name, "recipe": dataclasses.asdict(recipe)}
+def _run_key(checkpoint, recipe, git_sha):
+    spec = {"checkpoint": Path(checkpoint).name, "recipe": dataclasses.asdict(recipe),
+            "git_sha": git_sha}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -138,7 +140,8 @@ def run_arm(arm, seed, checkpoint, target, corpus, windows, recipe, device):
 
 
 def summarize(log, arms, seeds):
-    """Per-seed recoveries and the per-arm summary rows (only complete seeds count)."""
+    """The finished runs of ``arms`` x ``seeds``, each with its recoveries when the same seed's
+    ``full`` run and the base evaluations exist."""
     base = log.get("base", None)
     pi = log.get("base+pi", None)
     per_seed = []
@@ -262,8 +265,8 @@ def main(argv=None):
     recipe = SMOKE_EXTENSION if args.smoke else GPU_EXTENSION
     target = size.context * recipe.factor
     windows = corpus_mod.validation_windows(corpus.validation, target, recipe.eval_windows)
-    log = RunLog(Path(args.cache_dir) / f"{NAME}-{_run_key(checkpoint, recipe)}.jsonl",
-                 args.fresh)
+    key = _run_key(checkpoint, recipe, env["git_sha"])
+    log = RunLog(Path(args.cache_dir) / f"{NAME}-{key}.jsonl", args.fresh)
     todo = [(b, None) for b in BASES] + [(a, s) for s in seeds for a in args.arms]
     for arm, seed in todo:
         if log.get(arm, seed) is not None:

@@ -70,7 +70,7 @@ class PretrainRecipe:
 GPU_SIZE = ModelSize(hidden=384, intermediate=1024, layers=6, heads=6, kv_heads=2, context=256)
 # 64 windows of 256 bytes = 16k tokens a step; 4000 steps are ~2 passes over the 30 MB corpus.
 GPU_PRETRAIN = PretrainRecipe(batch=64, max_steps=4000, lr=1.5e-3, warmup=200, eval_every=250,
-                              eval_windows=128, min_delta=0.01, patience=3, time_limit_s=420)
+                              eval_windows=128, min_delta=0.01, patience=3, time_limit_s=180)
 SMOKE_SIZE = ModelSize(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1, context=64)
 SMOKE_PRETRAIN = PretrainRecipe(batch=8, max_steps=30, lr=3e-3, warmup=5, eval_every=10,
                                 eval_windows=8, min_delta=0.01, patience=3, time_limit_s=60)

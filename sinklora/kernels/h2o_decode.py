@@ -63,6 +63,19 @@ def _eviction_key(pos, acc, slot, next_pos, recent_budget, num_sink):
 
 
 @triton.jit
+def _program(NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+             HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr):
+    """What a program of the ``(B * Hkv, S)`` grid owns: ``bg`` and its sequence ``b`` and kv
+    head ``g``, the rows ``r`` of the group's query heads and the columns ``d`` of a head, with
+    their in-bounds masks (both are padded to powers of two, rows to at least 16 for tl.dot)."""
+    bg = tl.program_id(0)
+    b = (bg // NUM_KV_HEADS).to(tl.int64)  # storage offsets pass 2**31 at large B * C * D
+    r = tl.arange(0, GROUP_P)
+    d = tl.arange(0, HEAD_DIM_P)
+    return bg, b, bg % NUM_KV_HEADS, r, d, r < GROUP, d < HEAD_DIM
+
+
+@triton.jit
 def _decode_partial(
     Q, K_NEW, V_NEW, K, V, POS, NEW_REAL, NEXT_POS, LOGITS, PART_M, PART_L, PART_O,
     stride_qb, stride_qh, stride_qd,
@@ -77,15 +90,9 @@ def _decode_partial(
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr,
     HAS_NEW_REAL: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
 ):
-    bg = tl.program_id(0)
+    bg, b, g, r, d, r_ok, d_ok = _program(NUM_KV_HEADS, GROUP, GROUP_P, HEAD_DIM, HEAD_DIM_P)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    b = (bg // NUM_KV_HEADS).to(tl.int64)  # storage offsets pass 2**31 at large B * C * D
-    g = bg % NUM_KV_HEADS
-    r = tl.arange(0, GROUP_P)
-    d = tl.arange(0, HEAD_DIM_P)
-    r_ok = r < GROUP
-    d_ok = d < HEAD_DIM
 
     q = tl.load(Q + b * stride_qb + (g * GROUP + r)[:, None] * stride_qh + d[None, :] * stride_qd,
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
@@ -157,15 +164,9 @@ def _decode_update(
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr,
     SPLITS_P: tl.constexpr, HAS_NEW_REAL: tl.constexpr,
 ):
-    bg = tl.program_id(0)
+    bg, b, g, r, d, r_ok, d_ok = _program(NUM_KV_HEADS, GROUP, GROUP_P, HEAD_DIM, HEAD_DIM_P)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    b = (bg // NUM_KV_HEADS).to(tl.int64)  # storage offsets pass 2**31 at large B * C * D
-    g = bg % NUM_KV_HEADS
-    r = tl.arange(0, GROUP_P)
-    d = tl.arange(0, HEAD_DIM_P)
-    r_ok = r < GROUP
-    d_ok = d < HEAD_DIM
 
     # Merge the chunks' (m, l) into the row log-sum-exp (base 2); every program needs it.
     sp = tl.arange(0, SPLITS_P)
@@ -295,14 +296,14 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
     group_p = max(16, triton.next_power_of_2(group))
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
 
-    f32 = dict(device=query.device, dtype=torch.float32)
-    logits = torch.empty(programs, group, length + 1, **f32)
-    part_m = torch.empty(programs, num_splits, group_p, **f32)
-    part_l = torch.empty(programs, num_splits, group_p, **f32)
-    part_o = torch.empty(programs, num_splits, group_p, head_dim_p, **f32)
-    cand_key = torch.empty(programs, num_splits, device=query.device, dtype=torch.int64)
-    cand_slot = torch.empty(programs, num_splits, device=query.device, dtype=torch.int32)
-    new_acc = torch.empty(programs, **f32)
+    # Scratch in two allocations (the host side of a decode step is as long as the GPU side).
+    sizes = (programs * group * (length + 1), programs * num_splits * group_p,
+             programs * num_splits * group_p, programs * num_splits * group_p * head_dim_p, programs)
+    scratch = torch.empty(sum(sizes), device=query.device, dtype=torch.float32).split(sizes)
+    logits = scratch[0].view(programs, group, length + 1)
+    part_m, part_l, part_o, new_acc = scratch[1:]
+    candidates = torch.empty(2, programs * num_splits, device=query.device, dtype=torch.int64)
+    cand_key, cand_slot = candidates[0], candidates[1]
     if tickets is None:
         tickets = torch.zeros(programs, device=query.device, dtype=torch.int32)
     if out is None:
