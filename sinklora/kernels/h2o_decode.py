@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .h2o_prefill import dot_precision, online_softmax_step
+from .common import dot_precision
+from .h2o_prefill import online_softmax_step
 
 BLOCK_N = 64
 # Eviction key of an entry that may not leave (protected, or past the chunk), and "no slot".

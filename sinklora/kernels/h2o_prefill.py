@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import dot_precision
+
 BLOCK_M = 64
 BLOCK_N = 64
 
@@ -144,12 +146,6 @@ def _prefill_column_sums(
             visible = (j[None, :] <= i[:, None]) & key_ok[None, :]
             acc += tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), 0)
     tl.store(ACC + b * stride_ab + g * stride_ah + j * stride_an, acc, mask=j_ok)
-
-
-def dot_precision(dtype):
-    """``tl.dot``'s input precision for operands of ``dtype``: true fp32 products for fp32 (no
-    silent TF32 rounding), the default for 16-bit types."""
-    return "ieee" if dtype == torch.float32 else None
 
 
 def h2o_prefill_fwd(query, key, value, real, softmax_scale, *, out=None):

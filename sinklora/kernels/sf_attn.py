@@ -39,12 +39,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sf_attn.pattern import group_end, group_start, head_shift, in_group, in_sink, in_wrap, wrap_start
+from ..sf_attn.pattern import (group_end, group_start, head_shift, in_group, in_sink, in_wrap,
+                               wrap_start)
+from .common import dot_precision
 
 LOG2E = 1.4426950408889634
 
 # Which part of the pattern a loop walks; selects the mask inside the shared block helpers.
-FULL, GROUP, SINK, WRAP = 0, 1, 2, 3
+FULL, GROUP, SINK, WRAP = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 
 
 @triton.jit
@@ -397,11 +399,18 @@ def _interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _blocks(head_dim):
+def _blocks(head_dim, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward and dq passes; the dk/dv pass
-    uses the same tiles with the roles swapped."""
+    uses the same tiles with the roles swapped. Sized so every kernel's shared memory fits an
+    H100 (tests/kernels/test_cuda_compile.py compiles them for sm_90 and checks)."""
     if _interpreted():
         return 16, 16, 1, 1  # small tiles exercise the block-edge logic at test sizes
+    if dtype == torch.float32:  # 4-byte tiles, split in two for 3xTF32: smaller tiles
+        if head_dim <= 64:
+            return 64, 32, 4, 2
+        if head_dim <= 128:
+            return 32, 32, 4, 2
+        return 16, 32, 4, 1
     if head_dim <= 64:
         return 128, 64, 4, 3
     if head_dim <= 128:
@@ -411,11 +420,6 @@ def _blocks(head_dim):
 
 def _sink_block(num_sink):
     return max(16, min(64, triton.next_power_of_2(max(num_sink, 1))))
-
-
-def _dot_precision(dtype):
-    # fp32 inputs get true fp32 products (no silent TF32 rounding); 16-bit inputs take the default.
-    return "ieee" if dtype == torch.float32 else None
 
 
 def new_output(shape, dtype, device):
@@ -436,7 +440,7 @@ def sf_attn_forward(q, k, v, group_size, num_sink, shift_heads, is_s2, softmax_s
     """Returns ``(o, lse)``: o like q (contiguous), lse ``[B, Hq, N]`` fp32 in base 2."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     bsz, num_heads, n, head_dim = q.shape
-    block_m, block_n, num_warps, num_stages = _blocks(head_dim)
+    block_m, block_n, num_warps, num_stages = _blocks(head_dim, q.dtype)
     o = new_output(q.shape, q.dtype, q.device)
     lse = new_output((bsz, num_heads, n), torch.float32, q.device)
     grid = (triton.cdiv(n, block_m), bsz * num_heads)
@@ -445,7 +449,7 @@ def sf_attn_forward(q, k, v, group_size, num_sink, shift_heads, is_s2, softmax_s
         n, num_heads, num_heads // k.shape[1], shift_heads, group_size, num_sink, int(is_s2),
         softmax_scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=_sink_block(num_sink),
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return o, lse
 
@@ -457,9 +461,9 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
     bsz, num_heads, n, head_dim = q.shape
     num_kv_heads = k.shape[1]
     kv_group = num_heads // num_kv_heads
-    block_m, block_n, num_warps, num_stages = _blocks(head_dim)
+    block_m, block_n, num_warps, num_stages = _blocks(head_dim, q.dtype)
     qk_scale = softmax_scale * LOG2E
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
 
     delta = new_output((bsz, num_heads, n), torch.float32, q.device)
     _bwd_delta_kernel[(triton.cdiv(n, block_m), bsz * num_heads)](
