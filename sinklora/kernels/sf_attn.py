@@ -31,7 +31,8 @@ programs: each writes its partial sums for the sink block, and the partials are 
 afterwards. No program walks all N queries.
 
 q/k/v/do may have any strides (transformers hands over transposed views); nothing is copied.
-Batch/head offsets are 64-bit.
+Batch/head offsets and the row offset of every tile are 64-bit (a head may span more than 2**31
+elements, e.g. in transformers' [B, N, H, D] layout); offsets inside a tile are 32-bit.
 """
 import os
 
@@ -58,6 +59,14 @@ def _part_mask(PART: tl.constexpr, i, j, group_size, shift, num_sink, wrap_from,
     else:
         mask = in_wrap(i, j, shift, wrap_from, n)
     return mask
+
+
+@triton.jit
+def _rows(base, start, stride_n, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Pointers to rows ``[start, start + BLOCK)`` of one head's ``[N, HEAD_DIM]`` slice. The row
+    offset is 64-bit: ``N * stride_n`` may pass 2**31 (e.g. ``[B, N, H, D]`` layouts)."""
+    return (base + tl.cast(start, tl.int64) * stride_n
+            + tl.arange(0, BLOCK)[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -89,20 +98,20 @@ def _query_block_ranges(m0, n, group_size, shift, BLOCK_M: tl.constexpr, BLOCK_N
 
 
 @triton.jit
-def _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, stop, offs_m, offs_d,
-              n, group_size, shift, num_sink, wrap_from, qk_scale,
-              PART: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, stop, offs_m,
+              n, group_size, shift, num_sink, wrap_from, qk_scale, PART: tl.constexpr,
+              BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_K):
         offs_n = start_n + tl.arange(0, BLOCK_K)
+        k_ptrs = _rows(k_base, start_n, stride_kn, BLOCK_K, HEAD_DIM)
+        v_ptrs = _rows(v_base, start_n, stride_vn, BLOCK_K, HEAD_DIM)
         if PART == FULL:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         else:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                         mask=offs_n[None, :] < n, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                        mask=offs_n[:, None] < n, other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < n, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < n, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if PART != FULL:
             mask = _part_mask(PART, offs_m[:, None], offs_n[None, :], group_size, shift, num_sink,
                               wrap_from, n)
@@ -133,11 +142,10 @@ def _sf_attn_fwd_kernel(
     bh = tl.program_id(1)
     b, h, g, shift, wrap_from = _query_head(bh, num_heads, kv_group, shift_heads, group_size, n,
                                             is_s2)
-
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh
-                + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < n, other=0.0)
+    row_ok = offs_m < n
+    q = tl.load(_rows(Q + b * stride_qb + h * stride_qh, m0, stride_qn, BLOCK_M, HEAD_DIM),
+                mask=row_ok[:, None], other=0.0)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
 
@@ -149,29 +157,28 @@ def _sf_attn_fwd_kernel(
         m0, n, group_size, shift, BLOCK_M, BLOCK_N)
     sink_end = tl.minimum(num_sink, gs_last)
     acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, sink_end,
-                              offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
-                              SINK, BLOCK_S, DOT_PRECISION)
+                              offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                              SINK, BLOCK_S, HEAD_DIM, DOT_PRECISION)
     acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, a,
-                              offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
-                              GROUP, BLOCK_N, DOT_PRECISION)
+                              offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                              GROUP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
     acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo,
-                              full_hi, offs_m, offs_d, n, group_size, shift, num_sink, wrap_from,
-                              qk_scale, FULL, BLOCK_N, DOT_PRECISION)
+                              full_hi, offs_m, n, group_size, shift, num_sink, wrap_from,
+                              qk_scale, FULL, BLOCK_N, HEAD_DIM, DOT_PRECISION)
     acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, d, hi,
-                              offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
-                              GROUP, BLOCK_N, DOT_PRECISION)
+                              offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                              GROUP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
     if m0 < shift:
         acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
-                                  wrap_from, n, offs_m, offs_d, n, group_size, shift, num_sink,
-                                  wrap_from, qk_scale, WRAP, BLOCK_N, DOT_PRECISION)
+                                  wrap_from, n, offs_m, n, group_size, shift, num_sink,
+                                  wrap_from, qk_scale, WRAP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
 
     # Every real row sees at least itself, so l_i > 0 there; rows past n (never stored) may
     # have seen nothing, and get 1 to keep the arithmetic finite.
-    row_ok = offs_m < n
     l_i = tl.where(row_ok, l_i, 1.0)
     o = acc / l_i[:, None]
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
-             + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(_rows(O + b * stride_ob + h * stride_oh, m0, stride_on, BLOCK_M, HEAD_DIM),
+             o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * n + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
@@ -182,34 +189,34 @@ def _sf_attn_fwd_kernel(
 @triton.jit
 def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh,
                       stride_don, n, num_heads, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = tl.program_id(0) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m[:, None] < n
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-                mask=row_ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                 + offs_d[None, :], mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * n + offs_m, tl.sum(o * do, 1), mask=offs_m < n)
+    row_ok = offs_m < n
+    o = tl.load(_rows(O + b * stride_ob + h * stride_oh, m0, stride_on, BLOCK_M, HEAD_DIM),
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(_rows(DO + b * stride_dob + h * stride_doh, m0, stride_don, BLOCK_M, HEAD_DIM),
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * n + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
 def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start, stop, offs_m,
-             offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+             n, group_size, shift, num_sink, wrap_from, qk_scale,
              sink_dk_base, sink_dv_base, PART: tl.constexpr, BLOCK_K: tl.constexpr,
              HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_K):
         offs_n = start_n + tl.arange(0, BLOCK_K)
+        k_ptrs = _rows(k_base, start_n, stride_kn, BLOCK_K, HEAD_DIM)
+        v_ptrs = _rows(v_base, start_n, stride_vn, BLOCK_K, HEAD_DIM)
         if PART == FULL:
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         else:
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                        mask=offs_n[:, None] < n, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                        mask=offs_n[:, None] < n, other=0.0)
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < n, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < n, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if PART != FULL:
@@ -221,7 +228,7 @@ def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start,
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if PART == SINK:
             # This query block's share of the sink keys' dk/dv; reduced over blocks on the host.
-            offs_s = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+            offs_s = offs_n[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
             is_sink = offs_n[:, None] < num_sink
             tl.store(sink_dv_base + offs_s,
                      tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION),
@@ -251,12 +258,11 @@ def _sf_attn_bwd_dq_kernel(
                                             is_s2)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < n
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(_rows(Q + b * stride_qb + h * stride_qh, m0, stride_qn, BLOCK_M, HEAD_DIM),
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(_rows(DO + b * stride_dob + h * stride_doh, m0, stride_don, BLOCK_M, HEAD_DIM),
+                 mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * n + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * n + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + g * stride_kh
@@ -271,43 +277,44 @@ def _sf_attn_bwd_dq_kernel(
         m0, n, group_size, shift, BLOCK_M, BLOCK_N)
     sink_end = tl.minimum(num_sink, gs_last)
     dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, 0, sink_end,
-                  offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                  offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
                   sink_dk_base, sink_dv_base, SINK, BLOCK_S, HEAD_DIM, DOT_PRECISION)
     dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, a,
-                  offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                  offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
                   sink_dk_base, sink_dv_base, GROUP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
     dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi,
-                  offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                  offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
                   sink_dk_base, sink_dv_base, FULL, BLOCK_N, HEAD_DIM, DOT_PRECISION)
     dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, d, hi,
-                  offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                  offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
                   sink_dk_base, sink_dv_base, GROUP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
     if m0 < shift:
         dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, wrap_from, n,
-                      offs_m, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
+                      offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
                       sink_dk_base, sink_dv_base, WRAP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn
-             + offs_d[None, :], (dq * (qk_scale / 1.4426950408889634)).to(DQ.dtype.element_ty),
+    tl.store(_rows(DQ + b * stride_dqb + h * stride_dqh, m0, stride_dqn, BLOCK_M, HEAD_DIM),
+             (dq * (qk_scale / 1.4426950408889634)).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
 
 @triton.jit
 def _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-               start, stop, offs_n, offs_d, n, group_size, shift, num_sink, wrap_from, qk_scale,
-               PART: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               start, stop, offs_n, n, group_size, shift, num_sink, wrap_from, qk_scale,
+               PART: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
     for start_m in range(start, stop, BLOCK_Q):
         offs_m = start_m + tl.arange(0, BLOCK_Q)
+        q_ptrs = _rows(q_base, start_m, stride_qn, BLOCK_Q, HEAD_DIM)
+        do_ptrs = _rows(do_base, start_m, stride_don, BLOCK_Q, HEAD_DIM)
         if PART == FULL:
-            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :])
-            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :])
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         else:
             row_ok = offs_m < n
-            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                        mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :],
-                         mask=row_ok[:, None], other=0.0)
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         # Transposed scores: rows are keys, columns are queries.
@@ -342,11 +349,10 @@ def _sf_attn_bwd_dkdv_kernel(
     b = (bg // num_kv_heads).to(tl.int64)
     g = (bg % num_kv_heads).to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n[:, None] < n
-    k = tl.load(K + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+    k = tl.load(_rows(K + b * stride_kb + g * stride_kh, n0, stride_kn, BLOCK_N, HEAD_DIM),
                 mask=key_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+    v = tl.load(_rows(V + b * stride_vb + g * stride_vh, n0, stride_vn, BLOCK_N, HEAD_DIM),
                 mask=key_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -368,26 +374,26 @@ def _sf_attn_bwd_dkdv_kernel(
         full_lo = tl.cdiv(n_last, BLOCK_M) * BLOCK_M
         full_hi = group_end(n0, group_size, shift, n) // BLOCK_M * BLOCK_M
         dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_don, lo, tl.minimum(full_lo, hi), offs_n, offs_d, n,
+                            stride_don, lo, tl.minimum(full_lo, hi), offs_n, n,
                             group_size, shift, num_sink, wrap_from, qk_scale, GROUP, BLOCK_M,
-                            DOT_PRECISION)
+                            HEAD_DIM, DOT_PRECISION)
         dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_don, full_lo, full_hi, offs_n, offs_d, n,
+                            stride_don, full_lo, full_hi, offs_n, n,
                             group_size, shift, num_sink, wrap_from, qk_scale, FULL, BLOCK_M,
-                            DOT_PRECISION)
+                            HEAD_DIM, DOT_PRECISION)
         dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_don, tl.maximum(full_hi, full_lo), hi, offs_n, offs_d, n,
+                            stride_don, tl.maximum(full_hi, full_lo), hi, offs_n, n,
                             group_size, shift, num_sink, wrap_from, qk_scale, GROUP, BLOCK_M,
-                            DOT_PRECISION)
+                            HEAD_DIM, DOT_PRECISION)
         if n_last >= wrap_from:
             dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
-                                stride_don, 0, shift, offs_n, offs_d, n, group_size, shift,
-                                num_sink, wrap_from, qk_scale, WRAP, BLOCK_M, DOT_PRECISION)
+                                stride_don, 0, shift, offs_n, n, group_size, shift, num_sink,
+                                wrap_from, qk_scale, WRAP, BLOCK_M, HEAD_DIM, DOT_PRECISION)
 
     # dk: d s / d k = softmax_scale * q, and qk_scale = softmax_scale * log2(e).
-    tl.store(DK + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+    tl.store(_rows(DK + b * stride_dkb + g * stride_dkh, n0, stride_dkn, BLOCK_N, HEAD_DIM),
              (dk * (qk_scale / 1.4426950408889634)).to(DK.dtype.element_ty), mask=key_ok)
-    tl.store(DV + b * stride_dvb + g * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+    tl.store(_rows(DV + b * stride_dvb + g * stride_dvh, n0, stride_dvn, BLOCK_N, HEAD_DIM),
              dv.to(DV.dtype.element_ty), mask=key_ok)
 
 
