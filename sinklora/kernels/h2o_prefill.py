@@ -165,6 +165,12 @@ def h2o_prefill_fwd(query, key, value, real, softmax_scale, *, out=None):
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
     if out is None:
         out = torch.empty(batch, seq_len, num_heads, head_dim, device=query.device, dtype=query.dtype)
+    # Batch and head offsets are 64-bit in the kernels, row offsets inside a head 32-bit.
+    row_span = seq_len * max(query.stride(2), key.stride(2), value.stride(2), out.stride(1))
+    if row_span >= 2**31:
+        raise ValueError(f"query: a prompt of {seq_len} tokens spans {row_span} elements inside "
+                         "one head, past the prefill kernels' 32-bit row offsets; pass "
+                         "contiguous [B, H, n, D] tensors or prefill in chunks")
     lse = torch.empty(batch, num_heads, seq_len, device=query.device, dtype=torch.float32)
     acc = torch.empty(batch, num_kv_heads, seq_len, device=query.device, dtype=torch.float32)
     has_pad = real is not None
