@@ -1,0 +1,138 @@
+"""Long sequences: SF-Attn forward + backward where a head spans more than 2**31 elements, and
+at N = 128k, checked against float64 on the rows and keys that can be checked exactly.
+
+Why the check is exact on a slice: the last group of an unshifted head, ``[gs, N)``, is seen
+only by its own queries, and those queries see only it and the sinks. So for the query heads of
+kv head 0 (all unshifted when ``shift_heads <= Hq - Hq/Hkv``), out and dq of the rows ``[gs, N)``
+and dk, dv of the keys ``[gs, N)`` of kv head 0 come from a small dense float64 problem:
+``sinks + [gs, N)`` keys, computed here in query chunks so that it stays small at 128k.
+
+The inputs use transformers' layout (``[B, N, H, D]`` transposed to ``[B, H, N, D]``): one
+head's rows are ``H * D`` elements apart, so at N = 540k the row offsets inside a head pass
+2**31 as well as the batch/head offsets.
+
+On CUDA (bf16): the two shapes below, timed once each (they take seconds), peak memory recorded.
+Without CUDA, ``--cpu`` runs a small version of the same check under the Triton interpreter.
+Rows go to ``bench/results/long_sequence.csv``.
+"""
+import os
+import time
+
+import torch
+
+import common
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before sinklora defines its kernels
+
+from sinklora import sf_attention  # noqa: E402
+from sinklora.sf_attn.pattern import plain  # noqa: E402
+
+GPU_CASES = [  # (B, Hq, Hkv, N, D, G, S)
+    (1, 32, 8, 540672, 128, 4096, 4),   # q has 2.2e9 elements; rows of a head pass 2**31
+    (1, 32, 8, 131072, 128, 32768, 4),  # N = 128k with LongLoRA's G = N / 4
+]
+CPU_CASES = [(1, 4, 2, 300, 16, 128, 4)]
+ROW_CHUNK = 1024
+
+
+def make_inputs(b, hq, hkv, n, d, dtype, device):
+    """q, k, v in transformers' layout: ``[B, N, H, D]`` storage seen as ``[B, H, N, D]``."""
+    def one(heads):
+        t = torch.randn(b, n, heads, d, dtype=dtype, device=device).transpose(1, 2)
+        return t.requires_grad_()
+    return one(hq), one(hkv), one(hkv)
+
+
+def local_reference(q, k, v, d_out, group_size, num_sink, softmax_scale):
+    """float64 out, dq (rows ``[gs, N)``) and dk, dv (keys ``[gs, N)``) of the query heads of
+    kv head 0, from the sinks and the last unshifted group only."""
+    n = q.shape[2]
+    rep = q.shape[1] // k.shape[1]
+    gs = plain.group_start(n - 1, group_size, 0)
+    key_idx = torch.cat([torch.arange(min(num_sink, gs)), torch.arange(gs, n)]).to(q.device)
+    kk = k[:, 0].detach().index_select(1, key_idx).double().requires_grad_()
+    vv = v[:, 0].detach().index_select(1, key_idx).double().requires_grad_()
+    outs, dqs = [], []
+    for start in range(gs, n, ROW_CHUNK):
+        rows = torch.arange(start, min(start + ROW_CHUNK, n), device=q.device)
+        qq = q[:, :rep].detach().index_select(2, rows).double().requires_grad_()
+        mask = plain.visible(rows[:, None], key_idx[None, :], group_size, 0, num_sink, n, n)
+        scores = (qq @ kk.transpose(-1, -2).unsqueeze(1)) * softmax_scale
+        out = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ vv.unsqueeze(1)
+        # dk / dv accumulate over the chunks in the shared leaves kk, vv.
+        out.backward(d_out[:, :rep].index_select(2, rows).double())
+        outs.append(out.detach())
+        dqs.append(qq.grad)
+    group = slice(min(num_sink, gs), None)  # the group keys, after the sinks
+    return gs, torch.cat(outs, 2), torch.cat(dqs, 2), kk.grad[:, group], vv.grad[:, group]
+
+
+def run_case(case, dtype, device, env):
+    b, hq, hkv, n, d, g, s = case
+    q, k, v = make_inputs(b, hq, hkv, n, d, dtype, device)
+    scale = d ** -0.5
+    kwargs = dict(group_size=g, num_sink=s, softmax_scale=scale, backend="triton")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    common.synchronize(device)
+    start = time.perf_counter()
+    out = sf_attention(q, k, v, **kwargs)
+    d_out = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
+    common.synchronize(device)
+    ms = 1e3 * (time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+    gs, ref_out, ref_dq, ref_dk, ref_dv = local_reference(q, k, v, d_out, g, s, scale)
+    rep = hq // hkv
+    errors = {
+        "out": common.rel_err(out[:, :rep, gs:], ref_out),
+        "dq": common.rel_err(dq[:, :rep, gs:], ref_dq),
+        "dk": common.rel_err(dk[:, 0, gs:], ref_dk),
+        "dv": common.rel_err(dv[:, 0, gs:], ref_dv),
+    }
+    finite = all(bool(torch.isfinite(t).all()) for t in (out, dq, dk, dv))
+    tolerance = common.GATE_TOLERANCE[dtype]
+    ok = finite and max(errors.values()) <= tolerance
+    span = (n - 1) * q.stride(2) + (hq - 1) * q.stride(1)
+    note = (f"one pass, not do_bench; checked rows/keys [{gs}, {n}) of kv head 0: "
+            + ", ".join(f"{name} {err:.2e}" for name, err in errors.items())
+            + f" (tol {tolerance:g}); max element offset {span}"
+            + ("" if finite else "; NON-FINITE values"))
+    row = dict(env, kernel="sf_attn_long", provider="sinklora_triton", **{"pass": "fwd+bwd"},
+               B=b, Hq=hq, Hkv=hkv, N=n, D=d, G=g, S=s, dtype=str(dtype).replace("torch.", ""),
+               ms_p20=ms, ms_p50=ms, ms_p80=ms, peak_mem_mb=peak, timestamp=common.timestamp(),
+               note=note, error=None if ok else "mismatch against the float64 slice")
+    common.print_row(row)
+    return row
+
+
+def main(argv=None):
+    ap = common.script_parser(__doc__, "(no effect: the GPU cases are the issue's)")
+    args = ap.parse_args(argv)
+    device, env = common.start(args)
+    if device.type == "cuda":
+        cases, dtype = GPU_CASES, torch.bfloat16
+    else:
+        print("No CUDA GPU: a small version under the Triton interpreter (a check, not a "
+              "benchmark).", flush=True)
+        cases, dtype = CPU_CASES, torch.float16
+    rows = []
+    for case in cases:
+        try:
+            rows.append(run_case(case, dtype, device, env))
+        except Exception as exc:  # noqa: BLE001  an OOM on one shape must not hide the others
+            common.report_failure(f"long_sequence {case}", exc)
+            b, hq, hkv, n, d, g, s = case
+            rows.append(dict(env, kernel="sf_attn_long", provider="sinklora_triton",
+                             **{"pass": "fwd+bwd"}, B=b, Hq=hq, Hkv=hkv, N=n, D=d, G=g, S=s,
+                             dtype=str(dtype).replace("torch.", ""),
+                             timestamp=common.timestamp(), error=common.short_error(exc)))
+        common.free_memory(device)
+    common.append_rows(args.results_dir / "long_sequence.csv", rows)
+    return 0 if all(not r.get("error") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
