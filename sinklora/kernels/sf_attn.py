@@ -70,6 +70,19 @@ def _rows(base, start, stride_n, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, start, stride_n, n, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Rows ``[start, start + BLOCK)`` of one head; rows past ``n`` read as 0 when ``MASKED``
+    (unmasked blocks are known to lie inside the sequence)."""
+    ptrs = _rows(base, start, stride_n, BLOCK, HEAD_DIM)
+    if MASKED:
+        tile = tl.load(ptrs, mask=(start + tl.arange(0, BLOCK))[:, None] < n, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _query_head(bh, num_heads, kv_group, shift_heads, group_size, n, is_s2):
     """Batch, query head, kv head (64-bit for offsets), shift and wrap start of program ``bh``."""
     h = bh % num_heads
@@ -103,14 +116,8 @@ def _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, sto
               BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_K):
         offs_n = start_n + tl.arange(0, BLOCK_K)
-        k_ptrs = _rows(k_base, start_n, stride_kn, BLOCK_K, HEAD_DIM)
-        v_ptrs = _rows(v_base, start_n, stride_vn, BLOCK_K, HEAD_DIM)
-        if PART == FULL:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < n, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < n, other=0.0)
+        k = _load_rows(k_base, start_n, stride_kn, n, PART != FULL, BLOCK_K, HEAD_DIM)
+        v = _load_rows(v_base, start_n, stride_vn, n, PART != FULL, BLOCK_K, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if PART != FULL:
             mask = _part_mask(PART, offs_m[:, None], offs_n[None, :], group_size, shift, num_sink,
@@ -144,8 +151,7 @@ def _sf_attn_fwd_kernel(
                                             is_s2)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < n
-    q = tl.load(_rows(Q + b * stride_qb + h * stride_qh, m0, stride_qn, BLOCK_M, HEAD_DIM),
-                mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, m0, stride_qn, n, True, BLOCK_M, HEAD_DIM)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
 
@@ -195,11 +201,11 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob,
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
     row_ok = offs_m < n
-    o = tl.load(_rows(O + b * stride_ob + h * stride_oh, m0, stride_on, BLOCK_M, HEAD_DIM),
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(_rows(DO + b * stride_dob + h * stride_doh, m0, stride_don, BLOCK_M, HEAD_DIM),
-                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * n + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, m0, stride_on, n, True, BLOCK_M, HEAD_DIM)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, m0, stride_don, n, True, BLOCK_M,
+                    HEAD_DIM)
+    tl.store(DELTA + bh.to(tl.int64) * n + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
+             mask=row_ok)
 
 
 @triton.jit
@@ -209,14 +215,8 @@ def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start,
              HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_K):
         offs_n = start_n + tl.arange(0, BLOCK_K)
-        k_ptrs = _rows(k_base, start_n, stride_kn, BLOCK_K, HEAD_DIM)
-        v_ptrs = _rows(v_base, start_n, stride_vn, BLOCK_K, HEAD_DIM)
-        if PART == FULL:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < n, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < n, other=0.0)
+        k = _load_rows(k_base, start_n, stride_kn, n, PART != FULL, BLOCK_K, HEAD_DIM)
+        v = _load_rows(v_base, start_n, stride_vn, n, PART != FULL, BLOCK_K, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if PART != FULL:
@@ -259,10 +259,9 @@ def _sf_attn_bwd_dq_kernel(
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < n
-    q = tl.load(_rows(Q + b * stride_qb + h * stride_qh, m0, stride_qn, BLOCK_M, HEAD_DIM),
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(_rows(DO + b * stride_dob + h * stride_doh, m0, stride_don, BLOCK_M, HEAD_DIM),
-                 mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, m0, stride_qn, n, True, BLOCK_M, HEAD_DIM)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, m0, stride_don, n, True, BLOCK_M,
+                    HEAD_DIM)
     lse = tl.load(LSE + bh.to(tl.int64) * n + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * n + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + g * stride_kh
@@ -304,19 +303,14 @@ def _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, s
                DOT_PRECISION: tl.constexpr):
     for start_m in range(start, stop, BLOCK_Q):
         offs_m = start_m + tl.arange(0, BLOCK_Q)
-        q_ptrs = _rows(q_base, start_m, stride_qn, BLOCK_Q, HEAD_DIM)
-        do_ptrs = _rows(do_base, start_m, stride_don, BLOCK_Q, HEAD_DIM)
+        q = _load_rows(q_base, start_m, stride_qn, n, PART != FULL, BLOCK_Q, HEAD_DIM)
+        do = _load_rows(do_base, start_m, stride_don, n, PART != FULL, BLOCK_Q, HEAD_DIM)
         if PART == FULL:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         else:
-            row_ok = offs_m < n
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=offs_m < n, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=offs_m < n, other=0.0)
         # Transposed scores: rows are keys, columns are queries.
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         pt = tl.math.exp2(st - lse[None, :])
@@ -350,10 +344,8 @@ def _sf_attn_bwd_dkdv_kernel(
     g = (bg % num_kv_heads).to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     key_ok = offs_n[:, None] < n
-    k = tl.load(_rows(K + b * stride_kb + g * stride_kh, n0, stride_kn, BLOCK_N, HEAD_DIM),
-                mask=key_ok, other=0.0)
-    v = tl.load(_rows(V + b * stride_vb + g * stride_vh, n0, stride_vn, BLOCK_N, HEAD_DIM),
-                mask=key_ok, other=0.0)
+    k = _load_rows(K + b * stride_kb + g * stride_kh, n0, stride_kn, n, True, BLOCK_N, HEAD_DIM)
+    v = _load_rows(V + b * stride_vb + g * stride_vh, n0, stride_vn, n, True, BLOCK_N, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     n_last = tl.minimum(n0 + BLOCK_N, n) - 1
