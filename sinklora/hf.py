@@ -26,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
+from . import h2o
 from .sf_attn import sf_attention, sf_attention_reference
 from .sf_attn.params import _int_arg, check_group_size, check_mode, check_num_sink
 
@@ -145,8 +146,6 @@ def sinklora_attention_forward(module, query, key, value, attention_mask, scalin
     expanded), ``attention_mask`` the 2-D bool padding mask ``[B, kv_len]`` or ``None``.
     Returns ``([B, q_len, Hq, D], None)``.
     """
-    from . import h2o
-
     out = h2o.maybe_attention(module, query, key, value, attention_mask, scaling)
     if out is not None:
         return out, None

@@ -1,7 +1,6 @@
 """``sf_attention``: the public entry point; picks the Triton op or the PyTorch fallback."""
-import torch
-
 from .fallback import sf_attention_torch
+from .op import sf_attention_triton
 from .params import check_args, check_kernel_args
 
 BACKENDS = ("auto", "triton", "torch")
@@ -36,6 +35,4 @@ def sf_attention(q, k, v, *, group_size, num_sink=4, shift_heads=None, mode="sf"
     if backend == "torch":
         return sf_attention_torch(q, k, v, p)
     check_kernel_args(q, p)
-    from .op import sf_attention_triton
-
     return sf_attention_triton(q, k, v, p)

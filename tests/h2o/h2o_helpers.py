@@ -3,6 +3,7 @@ a tiny Llama with sinklora attention, and a recorder of what its attention layer
 import contextlib
 
 import torch
+from conftest import rel_err  # noqa: F401  one definition, re-exported to the tests
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sinklora
@@ -11,12 +12,6 @@ import sinklora.h2o
 # Relative error ``||out - ref|| / ||ref||`` against float64, per input dtype: fp16 rounds the
 # inputs and the output (~5e-4 each), bf16 keeps 8 bits.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(out, ref):
-    """``||out - ref|| / ||ref||`` in float64; NaN anywhere in ``out`` makes it NaN."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def tiny_model(attn="sinklora", sharp=True):

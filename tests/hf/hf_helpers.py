@@ -1,6 +1,7 @@
 """Shared pieces of the glue tests: tiny random decoder models (2 layers, GQA 4:2, hidden 64,
 vocab 256) and the relative error."""
 import torch
+from conftest import rel_err  # noqa: F401  one definition, re-exported to the tests
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
@@ -29,7 +30,3 @@ def build(arch="llama", attn="sdpa", **settings):
     return model
 
 
-def rel_err(actual, expected):
-    """Relative error of ``actual`` against ``expected`` (Frobenius norms, float64)."""
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm()).item()

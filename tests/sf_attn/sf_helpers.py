@@ -3,6 +3,7 @@ float64 reference with its gradients."""
 from dataclasses import dataclass
 
 import torch
+from conftest import rel_err  # noqa: F401  one definition, re-exported to the tests
 
 from sinklora import sf_attention
 from sinklora.sf_attn import sf_attention_reference
@@ -82,12 +83,6 @@ def make_inputs(case, dtype, device, requires_grad=False):
               (case.batch, case.hkv, case.n, case.d))
     return [torch.randn(s, dtype=dtype, device=device).requires_grad_(requires_grad)
             for s in shapes]
-
-
-def rel_err(out, ref):
-    """``||out - ref|| / ||ref||`` in float64; NaN anywhere in ``out`` makes it NaN."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def reference_and_grads(q, k, v, d_out, **kwargs):
