@@ -256,6 +256,12 @@ def _decode_update(
         tl.store(TICKETS + bg, 0)
 
 
+def _partial_stages(keys, head_dim_p):
+    """Pipeline depth of the partial pass: three key/value blocks in flight, two where three
+    would not fit the H100's shared memory (fp32 at D = 256; tests/kernels checks)."""
+    return 2 if keys.element_size() * head_dim_p > 512 else 3
+
+
 def _num_splits(device, programs, length):
     """Chunks per (sequence, kv head): about two programs per SM, at least a block each."""
     blocks = triton.cdiv(length + 1, BLOCK_N)
@@ -325,7 +331,8 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
         logits, part_m, part_l, part_o,
         *query.stride(), *kv_strides, logits.stride(0), logits.stride(1),
         length, chunk, qk_scale, QK_PRECISION=dot_precision(query.dtype),
-        PV_PRECISION=dot_precision(values.dtype), **meta,
+        PV_PRECISION=dot_precision(values.dtype), num_stages=_partial_stages(keys, head_dim_p),
+        **meta,
     )
     _decode_update[grid](
         out, key_new, value_new, keys, values, positions, scores, new_real_arg, next_position,

@@ -27,8 +27,14 @@ import triton.language as tl
 
 from .common import dot_precision
 
-BLOCK_M = 64
-BLOCK_N = 64
+
+def _tiles(dtype, head_dim_p):
+    """``(BLOCK_Q, BLOCK_K, num_warps, num_stages)`` of both prefill kernels: each compiles for
+    sm_90 inside the H100's shared memory and, except fp32 at D = 256, without register spills
+    (tests/kernels checks)."""
+    if dtype == torch.float32:  # 3xTF32 dots split every operand in two: smaller tiles
+        return {128: (16, 32, 8, 2), 256: (16, 32, 8, 1)}.get(head_dim_p, (32, 64, 8, 3))
+    return (64, 64, 8, 2) if head_dim_p >= 256 else (64, 64, 4, 3)
 
 
 @triton.jit
@@ -179,15 +185,17 @@ def h2o_prefill_fwd(query, key, value, real, softmax_scale, *, out=None):
     real_arg = real if has_pad else lse
     real_strides = real.stride() if has_pad else (0, 0)
     qk_scale = softmax_scale * math.log2(math.e)
-    meta = dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK_Q=BLOCK_M,
-                BLOCK_K=BLOCK_N, HAS_PAD=has_pad, QK_PRECISION=dot_precision(query.dtype))
+    block_q, block_k, num_warps, num_stages = _tiles(query.dtype, head_dim_p)
+    meta = dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK_Q=block_q,
+                BLOCK_K=block_k, HAS_PAD=has_pad, QK_PRECISION=dot_precision(query.dtype),
+                num_warps=num_warps, num_stages=num_stages)
 
-    _prefill_attention[(triton.cdiv(seq_len, BLOCK_M), batch * num_heads)](
+    _prefill_attention[(triton.cdiv(seq_len, block_q), batch * num_heads)](
         query, key, value, real_arg, out, lse,
         *query.stride(), *key.stride(), *value.stride(), *real_strides, *out.stride(), *lse.stride(),
         seq_len, qk_scale, NUM_HEADS=num_heads, PV_PRECISION=dot_precision(value.dtype), **meta,
     )
-    _prefill_column_sums[(triton.cdiv(seq_len, BLOCK_N), batch * num_kv_heads)](
+    _prefill_column_sums[(triton.cdiv(seq_len, block_k), batch * num_kv_heads)](
         query, key, real_arg, lse, acc,
         *query.stride(), *key.stride(), *real_strides, *lse.stride(), *acc.stride(),
         seq_len, qk_scale, NUM_KV_HEADS=num_kv_heads, **meta,

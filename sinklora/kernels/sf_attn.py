@@ -14,14 +14,16 @@ Math (per batch ``b``, query head ``h``, kv head ``g = h // (Hq // Hkv)``)::
 The softmax runs in base 2 with ``softmax_scale * log2(e)`` folded into the scores; the row
 log-sum-exp is saved in base 2 for the backward pass. Accumulation is fp32.
 
-The visible keys of a query are three disjoint parts (pattern.py), each walked by its own loop
-so that only the blocks holding visible keys are touched:
+The visible keys of a query are three disjoint parts (pattern.py). Only the blocks holding
+visible keys are touched, in three loops:
 
 - sink keys ``[0, min(num_sink, group_start))`` in a small block of their own (``BLOCK_S``);
-- the query's own group, causal: key blocks strictly inside the group and below the diagonal
-  are loaded and multiplied without any mask; only the group-edge and diagonal blocks are
-  masked;
-- ``"s2"`` only: the wrapped keys ``[N - G/2, N)`` of the first half-group of a shifted head.
+- full blocks: key blocks strictly inside the query block's group and below the diagonal,
+  loaded and multiplied without any mask;
+- edge blocks, masked: the group's first block, the diagonal blocks and, in ``"s2"`` only, the
+  wrapped keys ``[N - G/2, N)`` of the first half-group of a shifted head. They are up to three
+  separate runs of blocks walked as ONE loop (``_edge_block``): every extra loop holds its own
+  registers, and with five loops the kernels spilled (measured with ptxas for sm_90).
 
 Backward: ``dq`` is computed per query block over the same parts as the forward pass. ``dk``
 and ``dv`` are computed per key block and kv head, looping over the query heads that share it
@@ -35,6 +37,7 @@ Batch/head offsets and the row offset of every tile are 64-bit (a head may span 
 elements, e.g. in transformers' [B, N, H, D] layout); offsets inside a tile are 32-bit.
 """
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -45,20 +48,37 @@ from ..sf_attn.pattern import (group_end, group_start, head_shift, in_group, in_
 from .common import dot_precision
 
 LOG2E = 1.4426950408889634
+DELTA_ROWS = 32  # rows per program of the delta preprocess (o and do tiles, no dots)
 
 # Which part of the pattern a loop walks; selects the mask inside the shared block helpers.
-FULL, GROUP, SINK, WRAP = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+FULL, EDGE, SINK = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
-def _part_mask(PART: tl.constexpr, i, j, group_size, shift, num_sink, wrap_from, n):
-    if PART == GROUP:
-        mask = in_group(i, j, group_size, shift)
-    elif PART == SINK:
+def _part_mask(PART: tl.constexpr, i, j, group_size, shift, num_sink, wrap_from, n, wrap_block):
+    """Visible pairs of a masked block. An edge block masks by the run it came from: a block
+    of the wrap run may also hold keys of the group (tiny N), which its group visit counts."""
+    if PART == SINK:
         mask = in_sink(i, j, group_size, shift, num_sink)
     else:
-        mask = in_wrap(i, j, shift, wrap_from, n)
+        mask = tl.where(wrap_block, in_wrap(i, j, shift, wrap_from, n), in_group(i, j, group_size,
+                                                                                   shift))
     return mask
+
+
+@triton.jit
+def _num_blocks(start, stop, BLOCK: tl.constexpr):
+    """Blocks of ``BLOCK`` rows from ``start`` until ``stop`` (0 when the run is empty)."""
+    return tl.maximum(tl.cdiv(stop - start, BLOCK), 0)
+
+
+@triton.jit
+def _edge_block(it, start1, count1, start2, count2, start3, BLOCK: tl.constexpr):
+    """First row of block ``it`` of three runs walked as one loop: ``count1`` blocks from
+    ``start1``, ``count2`` blocks from ``start2``, then blocks from ``start3``."""
+    start = start1 + it * BLOCK
+    start = tl.where(it >= count1, start2 + (it - count1) * BLOCK, start)
+    return tl.where(it >= count1 + count2, start3 + (it - count1 - count2) * BLOCK, start)
 
 
 @triton.jit
@@ -106,22 +126,32 @@ def _query_block_ranges(m0, n, group_size, shift, BLOCK_M: tl.constexpr, BLOCK_N
     return gs_last, lo, tl.minimum(full_lo, hi), full_lo, full_hi, tl.maximum(full_hi, full_lo), hi
 
 
+@triton.jit
+def _query_edge_counts(m0, shift, lo, a, d, hi, wrap_from, n, BLOCK_N: tl.constexpr):
+    """Masked key blocks of a query block: leading ``lo..a``, trailing ``d..hi``, and the
+    ``"s2"`` wrap ``wrap_from..n`` (only the first half-group of a shifted head has one)."""
+    n_wrap = _num_blocks(wrap_from, n, BLOCK_N) * (m0 < shift)
+    return _num_blocks(lo, a, BLOCK_N), _num_blocks(d, hi, BLOCK_N), n_wrap
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 
 
 @triton.jit
-def _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, stop, offs_m,
-              n, group_size, shift, num_sink, wrap_from, qk_scale, PART: tl.constexpr,
-              BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    for start_n in range(start, stop, BLOCK_K):
+def _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start1, count1, start2,
+              count2, start3, count, offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
+              PART: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    for it in range(0, count):
+        start_n = _edge_block(it, start1, count1, start2, count2, start3, BLOCK_K)
         offs_n = start_n + tl.arange(0, BLOCK_K)
         k = _load_rows(k_base, start_n, stride_kn, n, PART != FULL, BLOCK_K, HEAD_DIM)
         v = _load_rows(v_base, start_n, stride_vn, n, PART != FULL, BLOCK_K, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if PART != FULL:
             mask = _part_mask(PART, offs_m[:, None], offs_n[None, :], group_size, shift, num_sink,
-                              wrap_from, n)
+                              wrap_from, n, it >= count1 + count2)
             s = tl.where(mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row may have no visible key in this block yet: keep exp2 away from (-inf) - (-inf).
@@ -161,23 +191,20 @@ def _sf_attn_fwd_kernel(
 
     gs_last, lo, a, full_lo, full_hi, d, hi = _query_block_ranges(
         m0, n, group_size, shift, BLOCK_M, BLOCK_N)
-    sink_end = tl.minimum(num_sink, gs_last)
-    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, sink_end,
-                              offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
-                              SINK, BLOCK_S, HEAD_DIM, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, a,
-                              offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
-                              GROUP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo,
-                              full_hi, offs_m, n, group_size, shift, num_sink, wrap_from,
-                              qk_scale, FULL, BLOCK_N, HEAD_DIM, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, d, hi,
-                              offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
-                              GROUP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
-    if m0 < shift:
-        acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
-                                  wrap_from, n, offs_m, n, group_size, shift, num_sink,
-                                  wrap_from, qk_scale, WRAP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+    n_sink = _num_blocks(0, tl.minimum(num_sink, gs_last), BLOCK_S)
+    n_full = _num_blocks(full_lo, full_hi, BLOCK_N)
+    n_lead, n_trail, n_wrap = _query_edge_counts(m0, shift, lo, a, d, hi, wrap_from, n, BLOCK_N)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                              0, n_sink, 0, 0, 0, n_sink, offs_m, n, group_size, shift, num_sink,
+                              wrap_from, qk_scale, SINK, BLOCK_S, HEAD_DIM, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                              full_lo, n_full, 0, 0, 0, n_full, offs_m, n, group_size, shift,
+                              num_sink, wrap_from, qk_scale, FULL, BLOCK_N, HEAD_DIM,
+                              DOT_PRECISION)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                              lo, n_lead, d, n_trail, wrap_from, n_lead + n_trail + n_wrap, offs_m,
+                              n, group_size, shift, num_sink, wrap_from, qk_scale, EDGE, BLOCK_N,
+                              HEAD_DIM, DOT_PRECISION)
 
     # Every real row sees at least itself, so l_i > 0 there; rows past n (never stored) may
     # have seen nothing, and get 1 to keep the arithmetic finite.
@@ -209,11 +236,12 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob,
 
 
 @triton.jit
-def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start, stop, offs_m,
-             n, group_size, shift, num_sink, wrap_from, qk_scale,
+def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start1, count1, start2,
+             count2, start3, count, offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
              sink_dk_base, sink_dv_base, PART: tl.constexpr, BLOCK_K: tl.constexpr,
              HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    for start_n in range(start, stop, BLOCK_K):
+    for it in range(0, count):
+        start_n = _edge_block(it, start1, count1, start2, count2, start3, BLOCK_K)
         offs_n = start_n + tl.arange(0, BLOCK_K)
         k = _load_rows(k_base, start_n, stride_kn, n, PART != FULL, BLOCK_K, HEAD_DIM)
         v = _load_rows(v_base, start_n, stride_vn, n, PART != FULL, BLOCK_K, HEAD_DIM)
@@ -221,7 +249,7 @@ def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start,
         p = tl.math.exp2(s - lse[:, None])
         if PART != FULL:
             mask = _part_mask(PART, offs_m[:, None], offs_n[None, :], group_size, shift, num_sink,
-                              wrap_from, n)
+                              wrap_from, n, it >= count1 + count2)
             p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -274,23 +302,20 @@ def _sf_attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     gs_last, lo, a, full_lo, full_hi, d, hi = _query_block_ranges(
         m0, n, group_size, shift, BLOCK_M, BLOCK_N)
-    sink_end = tl.minimum(num_sink, gs_last)
-    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, 0, sink_end,
-                  offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
-                  sink_dk_base, sink_dv_base, SINK, BLOCK_S, HEAD_DIM, DOT_PRECISION)
-    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, a,
-                  offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
-                  sink_dk_base, sink_dv_base, GROUP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
-    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi,
-                  offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
-                  sink_dk_base, sink_dv_base, FULL, BLOCK_N, HEAD_DIM, DOT_PRECISION)
-    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, d, hi,
-                  offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
-                  sink_dk_base, sink_dv_base, GROUP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
-    if m0 < shift:
-        dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, wrap_from, n,
-                      offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
-                      sink_dk_base, sink_dv_base, WRAP, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+    n_sink = _num_blocks(0, tl.minimum(num_sink, gs_last), BLOCK_S)
+    n_full = _num_blocks(full_lo, full_hi, BLOCK_N)
+    n_lead, n_trail, n_wrap = _query_edge_counts(m0, shift, lo, a, d, hi, wrap_from, n, BLOCK_N)
+    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                  0, n_sink, 0, 0, 0, n_sink, offs_m, n, group_size, shift, num_sink, wrap_from,
+                  qk_scale, sink_dk_base, sink_dv_base, SINK, BLOCK_S, HEAD_DIM, DOT_PRECISION)
+    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                  full_lo, n_full, 0, 0, 0, n_full, offs_m, n, group_size, shift, num_sink,
+                  wrap_from, qk_scale, sink_dk_base, sink_dv_base, FULL, BLOCK_N, HEAD_DIM,
+                  DOT_PRECISION)
+    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                  lo, n_lead, d, n_trail, wrap_from, n_lead + n_trail + n_wrap, offs_m, n,
+                  group_size, shift, num_sink, wrap_from, qk_scale, sink_dk_base, sink_dv_base,
+                  EDGE, BLOCK_N, HEAD_DIM, DOT_PRECISION)
     tl.store(_rows(DQ + b * stride_dqb + h * stride_dqh, m0, stride_dqn, BLOCK_M, HEAD_DIM),
              (dq * (qk_scale / 1.4426950408889634)).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
@@ -298,10 +323,11 @@ def _sf_attn_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-               start, stop, offs_n, n, group_size, shift, num_sink, wrap_from, qk_scale,
-               PART: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
-    for start_m in range(start, stop, BLOCK_Q):
+               start1, count1, start2, count2, start3, count, offs_n, n, group_size, shift,
+               num_sink, wrap_from, qk_scale, PART: tl.constexpr, BLOCK_Q: tl.constexpr,
+               HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for it in range(0, count):
+        start_m = _edge_block(it, start1, count1, start2, count2, start3, BLOCK_Q)
         offs_m = start_m + tl.arange(0, BLOCK_Q)
         q = _load_rows(q_base, start_m, stride_qn, n, PART != FULL, BLOCK_Q, HEAD_DIM)
         do = _load_rows(do_base, start_m, stride_don, n, PART != FULL, BLOCK_Q, HEAD_DIM)
@@ -316,7 +342,7 @@ def _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, s
         pt = tl.math.exp2(st - lse[None, :])
         if PART != FULL:
             mask = _part_mask(PART, offs_m[None, :], offs_n[:, None], group_size, shift, num_sink,
-                              wrap_from, n) & (offs_m[None, :] < n)
+                              wrap_from, n, it >= count1 + count2) & (offs_m[None, :] < n)
             pt = tl.where(mask, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -360,27 +386,25 @@ def _sf_attn_bwd_dkdv_kernel(
         delta_base = DELTA + bh * n
         # Queries that see these keys through their group: from the first key to the end of the
         # last key's group. Query blocks past the last key and inside the first key's group see
-        # every key of the block, unmasked.
+        # every key of the block, unmasked. Masked: the leading and trailing query blocks and,
+        # in "s2", the first half-group of a shifted head when these keys are wrapped keys.
         lo = n0 // BLOCK_M * BLOCK_M
         hi = group_end(n_last, group_size, shift, n)
         full_lo = tl.cdiv(n_last, BLOCK_M) * BLOCK_M
         full_hi = group_end(n0, group_size, shift, n) // BLOCK_M * BLOCK_M
+        n_full = _num_blocks(full_lo, full_hi, BLOCK_M)
+        n_lead = _num_blocks(lo, tl.minimum(full_lo, hi), BLOCK_M)
+        trail = tl.maximum(full_hi, full_lo)
+        n_trail = _num_blocks(trail, hi, BLOCK_M)
+        n_wrap = _num_blocks(0, shift, BLOCK_M) * (n_last >= wrap_from)
         dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_don, lo, tl.minimum(full_lo, hi), offs_n, n,
-                            group_size, shift, num_sink, wrap_from, qk_scale, GROUP, BLOCK_M,
-                            HEAD_DIM, DOT_PRECISION)
+                            stride_don, full_lo, n_full, 0, 0, 0, n_full, offs_n, n, group_size,
+                            shift, num_sink, wrap_from, qk_scale, FULL, BLOCK_M, HEAD_DIM,
+                            DOT_PRECISION)
         dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_don, full_lo, full_hi, offs_n, n,
-                            group_size, shift, num_sink, wrap_from, qk_scale, FULL, BLOCK_M,
-                            HEAD_DIM, DOT_PRECISION)
-        dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_don, tl.maximum(full_hi, full_lo), hi, offs_n, n,
-                            group_size, shift, num_sink, wrap_from, qk_scale, GROUP, BLOCK_M,
-                            HEAD_DIM, DOT_PRECISION)
-        if n_last >= wrap_from:
-            dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
-                                stride_don, 0, shift, offs_n, n, group_size, shift, num_sink,
-                                wrap_from, qk_scale, WRAP, BLOCK_M, HEAD_DIM, DOT_PRECISION)
+                            stride_don, lo, n_lead, trail, n_trail, 0, n_lead + n_trail + n_wrap,
+                            offs_n, n, group_size, shift, num_sink, wrap_from, qk_scale, EDGE,
+                            BLOCK_M, HEAD_DIM, DOT_PRECISION)
 
     # dk: d s / d k = softmax_scale * q, and qk_scale = softmax_scale * log2(e).
     tl.store(_rows(DK + b * stride_dkb + g * stride_dkh, n0, stride_dkn, BLOCK_N, HEAD_DIM),
@@ -397,23 +421,43 @@ def _interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _blocks(head_dim, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward and dq passes; the dk/dv pass
-    uses the same tiles with the roles swapped. Sized so every kernel's shared memory fits an
-    H100 (tests/kernels/test_cuda_compile.py compiles them for sm_90 and checks)."""
+class Tile(NamedTuple):
+    """Launch shape of one kernel: ``rows`` of the program's own block (queries in the forward
+    and dq passes, keys in the dk/dv pass) and ``cols`` of the blocks its loops walk."""
+    rows: int
+    cols: int
+    warps: int
+    stages: int
+
+
+# Tiles per (16-bit or fp32, head dim up to): forward, dq, dk/dv. fp32 runs 3xTF32 dots
+# (common.py), whose operands are split in two: smaller tiles.
+_TILES = {
+    ("16bit", 64): (Tile(128, 64, 8, 3), Tile(128, 64, 8, 3), Tile(128, 32, 8, 3)),
+    ("16bit", 128): (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(128, 32, 8, 3)),
+    ("16bit", 256): (Tile(64, 32, 8, 3), Tile(32, 32, 8, 1), Tile(32, 32, 8, 2)),
+    ("fp32", 64): (Tile(64, 32, 4, 2), Tile(32, 16, 4, 2), Tile(32, 32, 8, 2)),
+    ("fp32", 128): (Tile(16, 32, 8, 2), Tile(16, 16, 4, 2), Tile(16, 32, 8, 2)),
+    # Spills at every tile that fits (3xTF32 at D=256); these spill least (ptxas, sm_90).
+    ("fp32", 256): (Tile(16, 16, 8, 1), Tile(16, 16, 8, 1), Tile(16, 16, 8, 1)),
+}
+
+
+def _tile_class(head_dim, dtype):
+    return ("fp32" if dtype == torch.float32 else "16bit", max(64, head_dim))
+
+
+def tiles(head_dim, dtype):
+    """``{"fwd": Tile, "dq": Tile, "dkdv": Tile}`` for a head dim and dtype.
+
+    Every tile compiles for sm_90 without register spills and fits the H100's shared memory
+    (tests/kernels/test_cuda_compile.py checks both with ptxas); ``bench/tune_sf.py`` times the
+    candidates on a GPU. The interpreter gets small tiles, which exercise the block-edge logic
+    at test sizes.
+    """
     if _interpreted():
-        return 16, 16, 1, 1  # small tiles exercise the block-edge logic at test sizes
-    if dtype == torch.float32:  # 4-byte tiles, split in two for 3xTF32: smaller tiles
-        if head_dim <= 64:
-            return 64, 32, 4, 2
-        if head_dim <= 128:
-            return 32, 32, 4, 2
-        return 16, 32, 4, 1
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    if head_dim <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 8, 2
+        return dict.fromkeys(("fwd", "dq", "dkdv"), Tile(16, 16, 1, 1))
+    return dict(zip(("fwd", "dq", "dkdv"), _TILES[_tile_class(head_dim, dtype)]))
 
 
 def _sink_block(num_sink):
@@ -438,16 +482,16 @@ def sf_attn_forward(q, k, v, group_size, num_sink, shift_heads, is_s2, softmax_s
     """Returns ``(o, lse)``: o like q (contiguous), lse ``[B, Hq, N]`` fp32 in base 2."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     bsz, num_heads, n, head_dim = q.shape
-    block_m, block_n, num_warps, num_stages = _blocks(head_dim, q.dtype)
+    tile = tiles(head_dim, q.dtype)["fwd"]
     o = new_output(q.shape, q.dtype, q.device)
     lse = new_output((bsz, num_heads, n), torch.float32, q.device)
-    grid = (triton.cdiv(n, block_m), bsz * num_heads)
+    grid = (triton.cdiv(n, tile.rows), bsz * num_heads)
     _sf_attn_fwd_kernel[grid](
         q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
         n, num_heads, num_heads // k.shape[1], shift_heads, group_size, num_sink, int(is_s2),
         softmax_scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=_sink_block(num_sink),
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        HEAD_DIM=head_dim, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_S=_sink_block(num_sink),
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=tile.warps, num_stages=tile.stages,
     )
     return o, lse
 
@@ -459,17 +503,18 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
     bsz, num_heads, n, head_dim = q.shape
     num_kv_heads = k.shape[1]
     kv_group = num_heads // num_kv_heads
-    block_m, block_n, num_warps, num_stages = _blocks(head_dim, q.dtype)
+    launch = tiles(head_dim, q.dtype)
     qk_scale = softmax_scale * LOG2E
     precision = dot_precision(q.dtype)
 
     delta = new_output((bsz, num_heads, n), torch.float32, q.device)
-    _bwd_delta_kernel[(triton.cdiv(n, block_m), bsz * num_heads)](
+    _bwd_delta_kernel[(triton.cdiv(n, DELTA_ROWS), bsz * num_heads)](
         o, do, delta, *_strides3(o), *_strides3(do), n, num_heads,
-        HEAD_DIM=head_dim, BLOCK_M=block_m,
+        HEAD_DIM=head_dim, BLOCK_M=DELTA_ROWS,
     )
 
-    num_q_blocks = triton.cdiv(n, block_m)
+    tile = launch["dq"]
+    num_q_blocks = triton.cdiv(n, tile.rows)
     # At least one row: a zero-size CUDA tensor has a null pointer, which launchers refuse.
     sink_dk = torch.zeros((bsz, num_heads, num_q_blocks, max(num_sink, 1), head_dim),
                           dtype=torch.float32, device=q.device)
@@ -479,21 +524,22 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
         q, k, v, do, lse, delta, dq, sink_dk, sink_dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
         n, num_heads, kv_group, shift_heads, group_size, num_sink, int(is_s2), qk_scale,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=_sink_block(num_sink),
-        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        HEAD_DIM=head_dim, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_S=_sink_block(num_sink),
+        DOT_PRECISION=precision, num_warps=tile.warps, num_stages=tile.stages,
     )
 
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     # Roles swap: a program owns a key block (BLOCK_N rows of k) and walks query tiles.
-    _sf_attn_bwd_dkdv_kernel[(triton.cdiv(n, block_m), bsz * num_kv_heads)](
+    tile = launch["dkdv"]
+    _sf_attn_bwd_dkdv_kernel[(triton.cdiv(n, tile.rows), bsz * num_kv_heads)](
         q, k, v, do, lse, delta, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk),
         *_strides3(dv),
         n, num_heads, num_kv_heads, kv_group, shift_heads, group_size, num_sink, int(is_s2),
         qk_scale,
-        HEAD_DIM=head_dim, BLOCK_N=block_m, BLOCK_M=block_n,
-        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        HEAD_DIM=head_dim, BLOCK_N=tile.rows, BLOCK_M=tile.cols,
+        DOT_PRECISION=precision, num_warps=tile.warps, num_stages=tile.stages,
     )
 
     if num_sink > 0:

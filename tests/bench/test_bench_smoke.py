@@ -16,6 +16,7 @@ sys.path.insert(0, str(BENCH))
 import common  # noqa: E402
 import run_all  # noqa: E402
 import sf_attn as sf_bench  # noqa: E402
+import tune_sf  # noqa: E402
 
 
 @pytest.mark.parametrize("n, hq, make_pattern", [
@@ -97,3 +98,17 @@ def test_a_failing_provider_gets_error_rows_and_the_run_goes_on(tmp_path, monkey
     assert all(r["error"] == "RuntimeError: compile failed" for r in rows[:3])
     assert all(not r.get("error") and r["ms_p50"] > 0 for r in rows[3:])
     assert len(common.read_rows(tmp_path / "sf.csv")) == 6
+
+
+def test_tile_tuning_runs_each_kernel_and_restores_the_tiles(tmp_path, capsys):
+    from sinklora.kernels import sf_attn as launchers
+
+    default_tiles = launchers.tiles
+    assert tune_sf.main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    assert launchers.tiles is default_tiles
+    rows = common.read_rows(tmp_path / "tune_sf.csv")
+    assert [r["provider"].split(":")[0] for r in rows] == list(tune_sf.KERNELS)
+    assert [r["pass"] for r in rows] == ["fwd", "bwd", "bwd"]
+    for r in rows:
+        assert r["error"] == "" and float(r["ms_p50"]) > 0, r
+    assert "fastest tile per kernel" in capsys.readouterr().out

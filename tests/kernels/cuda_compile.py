@@ -1,25 +1,30 @@
 """Compiles every Triton kernel launch of a sinklora call for an NVIDIA GPU, on a machine
 without one: the checks the interpreter cannot make (constexpr globals, types the interpreter
-lets through, shared memory over the device limit).
+lets through, shared memory over the device limit, register spills).
 
 Run as a script with ``TRITON_INTERPRET=0``: ``JITFunction.run`` is replaced by a recorder, the
 public ops run on CPU tensors (launches are recorded, not executed; their outputs are garbage
 and not looked at), then each recorded launch is compiled with ``triton.compile`` for the
-target, from the launch's own arguments and meta-parameters. Prints one JSON line per kernel.
+target, from the launch's own arguments and meta-parameters, specialized as the JIT would on
+a GPU. Each kernel's PTX then goes through Triton's own ptxas with ``-v`` for its register and
+spill counts. Prints one JSON line per kernel.
 """
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
+from triton._C.libtriton import native_specialize_impl as specialize
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.runtime.jit import JITFunction
 
-TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-                torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32",
-                torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 OPTION_NAMES = ("num_warps", "num_stages", "num_ctas")
 
 launches = []
@@ -30,40 +35,58 @@ def _record(self, *args, grid, warmup, **kwargs):
 
 
 def _signature(fn, args, kwargs):
+    """Types, constexprs and divisibility attributes of one launch, from Triton's own
+    specializer: the kernel compiled here is the one the JIT would build on a GPU (16-byte
+    aligned pointers and multiples of 16 get ``tt.divisibility``, which vectorizes loads)."""
     bound = dict(zip(fn.arg_names, args))
     bound.update({k: v for k, v in kwargs.items() if k not in OPTION_NAMES})
-    signature, constexprs = {}, {}
-    for param in fn.params:
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
         value = bound[param.name] if param.name in bound else param.default
         if param.is_constexpr:
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + TRITON_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
+            kind, spec = "constexpr", value
         else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {param.name}={value!r}")
-    return signature, constexprs
+            kind, spec = specialize(BaseBackend, value, False, not param.do_not_specialize,
+                                    not param.do_not_specialize_on_alignment)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[param.name] = spec
+        elif spec:
+            attrs[(index,)] = BaseBackend.parse_attr(spec)
+    return signature, constexprs, attrs
+
+
+def ptxas_usage(ptx, arch):
+    """``(registers, spill bytes stored + loaded)`` of the kernel in ``ptx``, from ptxas."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "kernel.ptx")
+        src.write_text(ptx)
+        gpu = f"--gpu-name={sm_arch_from_capability(arch)}"
+        log = subprocess.run([get_ptxas(arch).path, "-v", gpu,
+                              str(src), "-o", str(Path(tmp, "kernel.cubin"))],
+                             capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return registers, int(spills.group(1)) + int(spills.group(2))
 
 
 def compile_launches(target):
     results, seen = [], set()
     for fn, args, kwargs in launches:
-        signature, constexprs = _signature(fn, args, kwargs)
+        signature, constexprs, attrs = _signature(fn, args, kwargs)
         key = (fn.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())),
+               repr(sorted(attrs.items())),
                tuple(kwargs.get(k) for k in OPTION_NAMES))
         if key in seen:
             continue
         seen.add(key)
         options = {k: kwargs[k] for k in OPTION_NAMES if k in kwargs}
-        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=target,
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                   options=options)
+        registers, spills = ptxas_usage(compiled.asm["ptx"], target.arch)
         results.append({"kernel": fn.__name__, "shared": compiled.metadata.shared,
+                        "registers": registers, "spill_bytes": spills,
+                        "options": options,
                         "dtypes": sorted({t for t in signature.values() if t.startswith("*")}),
                         "constexprs": {k: repr(v) for k, v in constexprs.items()}})
     return results

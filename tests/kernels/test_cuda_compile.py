@@ -1,5 +1,6 @@
-"""Every Triton kernel compiles for an H100 (sm_90) and fits its shared memory, checked on
-machines without a GPU: the interpreter runs the kernels' arithmetic but never compiles them."""
+"""Every Triton kernel compiles for an H100 (sm_90), fits its shared memory and needs no
+register spills, checked on machines without a GPU: the interpreter runs the kernels'
+arithmetic but never compiles them."""
 import json
 import os
 import subprocess
@@ -11,8 +12,12 @@ import pytest
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
 H100_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may opt in to on sm_90
-CASES = ["sf:bfloat16:128", "sf:bfloat16:256", "sf:float16:64", "sf:float32:128",
-         "h2o:bfloat16:128", "h2o:float32:64"]
+# One case per tile class of the launchers (16-bit / fp32, D up to 64 / 128 / 256).
+CASES = ["sf:float16:64", "sf:bfloat16:128", "sf:bfloat16:256", "sf:float32:64",
+         "sf:float32:128", "sf:float32:256", "h2o:float16:64", "h2o:bfloat16:128",
+         "h2o:float16:256", "h2o:float32:64", "h2o:float32:128", "h2o:float32:256"]
+# fp32 at D = 256 runs 3xTF32 dots on [*, 256] tiles: every tile that fits spills a little.
+SPILLS_ALLOWED = {("*fp32", "256")}
 SF_KERNELS = {"_sf_attn_fwd_kernel", "_bwd_delta_kernel", "_sf_attn_bwd_dq_kernel",
               "_sf_attn_bwd_dkdv_kernel"}
 H2O_KERNELS = {"_prefill_attention", "_prefill_column_sums", "_decode_partial", "_decode_update"}
@@ -40,6 +45,16 @@ def test_shared_memory_fits_an_h100(compiled):
     too_big = [(r["kernel"], r["dtypes"], r["shared"]) for r in compiled
                if r["shared"] > H100_SHARED_BYTES]
     assert not too_big, f"kernels over {H100_SHARED_BYTES} bytes of shared memory: {too_big}"
+
+
+def test_no_register_spills(compiled):
+    # A spill moves tile values to local memory (DRAM behind L1) inside the inner loops; the
+    # launchers' tiles are chosen so that ptxas needs none.
+    spilled = [(r["kernel"], r["dtypes"], r["constexprs"].get("HEAD_DIM"), r["registers"],
+                r["spill_bytes"]) for r in compiled
+               if r["spill_bytes"] and not any((dtype, r["constexprs"].get("HEAD_DIM")) in
+                                               SPILLS_ALLOWED for dtype in r["dtypes"])]
+    assert not spilled, f"kernels that spill registers (kernel, dtypes, D, regs, bytes): {spilled}"
 
 
 def test_decode_merges_several_splits(compiled):

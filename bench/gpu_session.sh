@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One device call of a GPU session: bash bench/gpu_session.sh STEP (bench/RESULTS.md, "GPU
+# session"). Runs from the working tree with the machine's own python3 (GPU machines here have
+# no package registry), writes logs and result files to $OUT (the device tool's return folder;
+# build/gpu-out elsewhere), at most 8 files, and ends each command inside a 10-minute call.
+#
+#   tune   bench/tune_sf.py: SF-Attn tile candidates timed per kernel
+#   test   the test suite compiled on the GPU (make test-gpu, bf16 included), then
+#          bench/long_sequence.py (N = 540,672 and 128k, exact float64 slice checks)
+#   bench  bench/run_all.py: every provider side by side, CSVs, plots, summary
+#   paper  bench/pretrain.py, bench/h2o_quality.py, bench/context_extension.py
+#
+# BENCH_GIT_SHA must name the commit the tree was sent from (the tree travels without .git).
+set -uo pipefail
+step=${1:?usage: bash bench/gpu_session.sh tune|test|bench|paper}
+: "${BENCH_GIT_SHA:?set BENCH_GIT_SHA to the sha of the commit being run}"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 BENCH_GIT_SHA
+out=${OUT:-build/gpu-out}
+mkdir -p "$out"
+py=${GPU_PY:-python3}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/$step.log"
+$py -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/$step.log"
+
+case $step in
+tune)
+    timeout 540 $py bench/tune_sf.py --results-dir "$out" 2>&1 | tee -a "$out/$step.log"
+    ;;
+test)
+    # Compilation dominates on a fresh machine: spread the tests over processes when
+    # pytest-xdist is there.
+    workers=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout 420 $py -m pytest -q $workers --durations=10 tests 2>&1 | tail -60 | tee -a "$out/$step.log"
+    timeout 150 $py bench/long_sequence.py --results-dir "$out" 2>&1 | tee -a "$out/$step.log"
+    ;;
+bench)
+    timeout 560 $py bench/run_all.py --results-dir "$out" 2>&1 | tee -a "$out/$step.log"
+    ;;
+paper)
+    # The checkpoint (about 38 MB) and finished runs travel back packed in parts under 16 MiB:
+    # `cat paper.tar.* | tar xf -` here restores build/paper-{cache,results}; a later call that
+    # carries build/paper-cache skips what is done (bench/PAPER_EXPERIMENTS.md).
+    cache=build/paper-cache results=build/paper-results
+    timeout 560 bash -c "$py bench/pretrain.py --cache-dir $cache \
+        && $py bench/h2o_quality.py --cache-dir $cache --results-dir $results \
+        && $py bench/context_extension.py --cache-dir $cache --time-budget 200 \
+           --results-dir $results" 2>&1 | tee -a "$out/$step.log"
+    cp $results/*.md "$out/"
+    tar cf - $cache $results | split -b 15M - "$out/paper.tar."
+    ;;
+*)
+    echo "unknown step: $step (tune, test, bench or paper)" >&2
+    exit 2
+    ;;
+esac
+ls -la "$out"
