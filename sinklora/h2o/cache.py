@@ -18,8 +18,9 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..kernels.common import BACKENDS, resolve_backend
 from .budget import check_budget
-from .ops import BACKENDS, decode, prefill, resolve_backend
+from .ops import decode, prefill
 
 _bound = threading.local()
 

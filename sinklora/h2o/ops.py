@@ -6,28 +6,15 @@ kernels (``sinklora/kernels/h2o_*.py``) on CUDA and to the plain PyTorch impleme
 (``reference.py``) elsewhere.
 """
 import math
-import os
 
 import torch
 
+from ..kernels.common import resolve_backend
 from .budget import check_budget
 from .reference import decode_torch, prefill_keep, prefill_torch, real_positions
 from .state import H2OState, new_state
 
-BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def resolve_backend(backend, device):
-    """``"triton"`` or ``"torch"`` for tensors on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' needs CUDA tensors "
-                         "(or TRITON_INTERPRET=1 for the CPU interpreter)")
-    return backend
 
 
 def _check_float(name, t, dims):

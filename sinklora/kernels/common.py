@@ -1,5 +1,27 @@
-"""What every sinklora kernel launcher shares."""
+"""What every sinklora kernel launcher and its public entry point share."""
+import os
+
 import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreted():
+    """Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend, device):
+    """``"triton"`` or ``"torch"`` for tensors on ``device``: ``"auto"`` takes the kernels on
+    CUDA and the PyTorch path elsewhere; ``"triton"`` on CPU tensors needs the interpreter."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not interpreted():
+        raise ValueError(f"backend='triton' needs CUDA tensors, got {device.type} tensors "
+                         "(or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
+    return backend
 
 
 def dot_precision(dtype):

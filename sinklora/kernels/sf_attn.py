@@ -36,7 +36,6 @@ q/k/v/do may have any strides (transformers hands over transposed views); nothin
 Batch/head offsets and the row offset of every tile are 64-bit (a head may span more than 2**31
 elements, e.g. in transformers' [B, N, H, D] layout); offsets inside a tile are 32-bit.
 """
-import os
 from typing import NamedTuple
 
 import torch
@@ -45,7 +44,7 @@ import triton.language as tl
 
 from ..sf_attn.pattern import (group_end, group_start, head_shift, in_group, in_sink, in_wrap,
                                wrap_start)
-from .common import dot_precision
+from .common import dot_precision, interpreted
 
 LOG2E = 1.4426950408889634
 DELTA_ROWS = 32  # rows per program of the delta preprocess (o and do tiles, no dots)
@@ -417,10 +416,6 @@ def _sf_attn_bwd_dkdv_kernel(
 # launchers
 
 
-def _interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 class Tile(NamedTuple):
     """Launch shape of one kernel: ``rows`` of the program's own block (queries in the forward
     and dq passes, keys in the dk/dv pass) and ``cols`` of the blocks its loops walk."""
@@ -455,7 +450,7 @@ def tiles(head_dim, dtype):
     candidates on a GPU. The interpreter gets small tiles, which exercise the block-edge logic
     at test sizes.
     """
-    if _interpreted():
+    if interpreted():
         return dict.fromkeys(("fwd", "dq", "dkdv"), Tile(16, 16, 1, 1))
     return dict(zip(("fwd", "dq", "dkdv"), _TILES[_tile_class(head_dim, dtype)]))
 

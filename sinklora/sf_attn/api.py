@@ -1,9 +1,8 @@
 """``sf_attention``: the public entry point; picks the Triton op or the PyTorch fallback."""
+from ..kernels.common import resolve_backend
 from .fallback import sf_attention_torch
 from .op import sf_attention_triton
 from .params import check_args, check_kernel_args
-
-BACKENDS = ("auto", "triton", "torch")
 
 
 def sf_attention(q, k, v, *, group_size, num_sink=4, shift_heads=None, mode="sf",
@@ -28,11 +27,7 @@ def sf_attention(q, k, v, *, group_size, num_sink=4, shift_heads=None, mode="sf"
         ``[B, Hq, N, D]`` in ``q``'s dtype, differentiable in q, k, v.
     """
     p = check_args(q, k, v, group_size, num_sink, shift_heads, mode, softmax_scale)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
-    if backend == "torch":
+    if resolve_backend(backend, q.device) == "torch":
         return sf_attention_torch(q, k, v, p)
     check_kernel_args(q, p)
     return sf_attention_triton(q, k, v, p)

@@ -51,6 +51,12 @@ def test_prefill_rejects_bad_tensors():
         h2o_prefill(q, k, v, backend="fast", **BUDGET)
 
 
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"^backend='triton' needs CUDA tensors, got cpu"):
+        h2o_prefill(*qkv(), backend="triton", **BUDGET)
+
+
 def test_kernels_refuse_float64(device):
     q, k, v = (t.to(device, torch.float64) for t in qkv())
     with pytest.raises(TypeError, match="Triton kernels take"):

@@ -83,6 +83,13 @@ def test_unknown_backend(backend):
         sf_attention(q, k, v, backend=backend, **GOOD.kwargs())
 
 
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    q, k, v = make_inputs(GOOD, torch.float32, "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"^backend='triton' needs CUDA tensors, got cpu"):
+        sf_attention(q, k, v, backend="triton", **GOOD.kwargs())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_mismatched_devices(entry):
