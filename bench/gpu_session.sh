@@ -29,7 +29,7 @@ test)
     # Compilation dominates on a fresh machine: spread the tests over processes when
     # pytest-xdist is there.
     workers=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
-    timeout 420 $py -m pytest -q $workers --durations=10 tests 2>&1 | tail -60 | tee -a "$out/$step.log"
+    timeout 420 $py -m pytest -q $workers --maxfail=20 --durations=10 tests 2>&1 | tee -a "$out/$step.log"
     timeout 150 $py bench/long_sequence.py --results-dir "$out" 2>&1 | tee -a "$out/$step.log"
     ;;
 bench)

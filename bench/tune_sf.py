@@ -64,19 +64,21 @@ def main(argv=None):
     ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     ap.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
     ap.add_argument("--smoke", action="store_true",
-                    help="no GPU: one candidate per kernel at a tiny fp16 shape under Triton's "
-                         "interpreter (checks the script, times nothing meaningful)")
+                    help="one candidate per kernel at a tiny fp16 shape: checks the script "
+                         "(on CPU under TRITON_INTERPRET=1), times nothing meaningful")
     args = ap.parse_args(argv)
+    from sinklora.kernels import sf_attn as launchers
+    from sinklora.kernels.common import interpreted
+
     if args.smoke:
         common.quick_cpu_timing()
         args.N, args.hq, args.hkv, args.head_dim, args.dtype = 64, 4, 2, 16, "float16"
-    elif not torch.cuda.is_available():
-        print("tune_sf.py times compiled kernels: it needs a CUDA GPU (nothing to do here)")
+    cuda = torch.cuda.is_available()
+    if not cuda and not (args.smoke and interpreted()):
+        print("tune_sf.py times compiled kernels: it needs a CUDA GPU (without one, --smoke "
+              "checks the script under TRITON_INTERPRET=1)")
         return 0
-
-    from sinklora.kernels import sf_attn as launchers
-
-    device = torch.device("cpu" if args.smoke else "cuda")
+    device = torch.device("cuda" if cuda else "cpu")
     env = common.environment(device)
     print(common.describe(env), flush=True)
     dtype = getattr(torch, args.dtype)
