@@ -122,9 +122,6 @@ def main(argv=None):
     print(f"\ngreedy generation: {args.prompt_len} prompt + {args.new_tokens} new tokens")
     dense, speed, size = generate(model, prompt, args.new_tokens, DynamicCache(config=config))
     print(f"  {'DynamicCache':<34} {speed:8.1f} tok/s  {size / 1024:8.1f} KiB")
-    if not hasattr(sinklora, "H2OCache"):
-        print("  sinklora.H2OCache is not available in this build; skipping H2O")
-        return
     for name, budget in (("full", total), ("half", total // 2)):
         cache = sinklora.H2OCache(heavy_budget=budget // 2, recent_budget=budget - budget // 2)
         out, speed, size = generate(model, prompt, args.new_tokens, cache)

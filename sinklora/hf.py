@@ -99,7 +99,9 @@ def replace_llama_attn(model=None, *, group_size_ratio=0.25, group_size=None, nu
         group_size_ratio: ``G = int(N * ratio)`` rounded down to even (>= 2), ``N`` the length
             of the batch tensor, as LongLoRA (0.25). Ignored when ``group_size`` is given.
         group_size: a fixed even ``G`` instead of the ratio.
-        num_sink: leading tokens every query sees (SinkLoRA: 4; 0 gives LongLoRA's S2-Attn).
+        num_sink: leading tokens every query sees (SinkLoRA: 4). ``mode="sf", num_sink=0`` is
+            S2 with segmentation and reassembly; LongLoRA's S2-Attn is ``mode="s2",
+            num_sink=0``.
         mode: ``"sf"`` (SinkLoRA) or ``"s2"`` (LongLoRA's roll; needs every sequence length to
             be a multiple of ``G``).
         shift_heads: how many of the last query heads use shifted groups (default ``Hq // 2``).

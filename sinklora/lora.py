@@ -27,8 +27,9 @@ def lora_config(r=8, alpha=16, *, dropout=0.05, target_modules=LORA_TARGETS,
         r: LoRA rank, int >= 1.
         alpha: LoRA alpha (the update is scaled by ``alpha / r``), positive number.
         dropout: dropout on the LoRA input, in ``[0, 1)``.
-        target_modules: module name suffixes that get LoRA.
-        trainable_modules: module name suffixes trained in full (``modules_to_save``).
+        target_modules: module name suffixes that get LoRA, a non-empty iterable of str.
+        trainable_modules: module name suffixes trained in full (``modules_to_save``), an
+            iterable of str; empty for plain LoRA.
         **kwargs: passed on to ``LoraConfig``.
     """
     r = _int_arg("r", r)
@@ -42,16 +43,29 @@ def lora_config(r=8, alpha=16, *, dropout=0.05, target_modules=LORA_TARGETS,
         raise TypeError(f"dropout must be a float, got {type(dropout).__name__}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    for name, names in (("target_modules", target_modules),
-                        ("trainable_modules", trainable_modules)):
-        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
-            raise TypeError(f"{name} must be a sequence of module names, got {names!r}")
+    target_modules = _module_names("target_modules", target_modules)
+    trainable_modules = _module_names("trainable_modules", trainable_modules)
     if not target_modules:
         raise ValueError("target_modules must name at least one module")
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules=list(target_modules),
-                      modules_to_save=list(trainable_modules) or None,
+                      target_modules=target_modules, modules_to_save=trainable_modules or None,
                       bias="none", task_type="CAUSAL_LM", **kwargs)
+
+
+def _module_names(name, names):
+    """``names`` as a list of non-empty strings. A lone str is refused rather than split into
+    characters (or, by peft, taken as a regex); any other iterable is listed once, so a
+    generator is not used up by the check and then seen as empty."""
+    if isinstance(names, str):
+        raise TypeError(f"{name} must be a sequence of module names, not a str ({names!r})")
+    try:
+        names = list(names)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of module names, "
+                        f"got {type(names).__name__}") from None
+    if not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"{name} must hold non-empty module name strings, got {names!r}")
+    return names
 
 
 def extend_context(model_or_config, max_length):
@@ -87,7 +101,13 @@ def extend_context(model_or_config, max_length):
     if rope["rope_type"] == "default":
         original = config.max_position_embeddings
     elif rope["rope_type"] == "linear":
-        original = round(config.max_position_embeddings / rope["factor"])
+        old_factor = rope.get("factor")
+        if (isinstance(old_factor, bool) or not isinstance(old_factor, (int, float))
+                or not (math.isfinite(old_factor) and old_factor > 0)):
+            raise ValueError(f"model_or_config has linear RoPE without a positive scaling "
+                             f"'factor' in rope_parameters={rope!r}, so its original context "
+                             f"length is unknown")
+        original = round(config.max_position_embeddings / old_factor)
     else:
         raise ValueError(f"extend_context supports default or linear RoPE, this model_or_config "
                          f"uses rope_type={rope['rope_type']!r}")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
                           LlamaForCausalLM)
 
-from .hf import replace_llama_attn, sf_settings
+from .hf import group_size_for, replace_llama_attn, sf_settings
 from .lora import extend_context, lora_config
 
 BYTE_EOS = 256  # --tiny tokens: the 256 byte values, then EOS
@@ -37,6 +37,8 @@ def tiny_config(**overrides):
 
 
 def parse_args(argv=None):
+    """The command line ``argv`` (default ``sys.argv[1:]``), checked: a bad flag exits with
+    status 2 and an error naming it, before any model is built or file written."""
     p = argparse.ArgumentParser(
         prog="python -m sinklora.train",
         description="Extend a Llama-architecture model's context with LoRA and SF-Attn "
@@ -65,25 +67,31 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches accumulated per optimizer step")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak AdamW learning rate (LongLoRA)")
+    p.add_argument("--lr", type=float, default=2e-5,
+                   help="peak AdamW learning rate (LongLoRA), > 0")
     p.add_argument("--warmup-steps", type=int, default=20,
                    help="linear warmup steps, then constant (LongLoRA)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, >= 0")
+    p.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="gradient clipping: the global gradient norm is scaled down to at most "
+                        "this, > 0; inf disables clipping")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank, >= 1")
+    p.add_argument("--lora-alpha", type=float, default=16,
+                   help="LoRA alpha (updates are scaled by alpha / r), > 0")
     p.add_argument("--group-size-ratio", type=float, default=0.25,
                    help="SF-Attn group size as a fraction of --seq-len")
     p.add_argument("--group-size", type=int, default=None,
                    help="fixed SF-Attn group size (even), instead of the ratio")
     p.add_argument("--num-sink", type=int, default=4, help="SF-Attn sink tokens")
     p.add_argument("--mode", choices=("sf", "s2"), default="sf",
-                   help="sf: SinkLoRA's SF-Attn; s2: LongLoRA's S2-Attn (for comparison)")
+                   help="sf: SinkLoRA's SF-Attn; s2: LongLoRA's S2-Attn (for comparison; "
+                        "--seq-len must be a multiple of the group size)")
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="keep activations instead of recomputing them (faster, more memory)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device; on CUDA the base model is bf16 and the SF-Attn kernels "
-                        "run, on CPU everything is fp32 and SF-Attn uses the PyTorch fallback")
+                   help="torch device (cpu, cuda, cuda:1, ...); on CUDA the base model is bf16 "
+                        "and the SF-Attn kernels run, on CPU everything is fp32 and SF-Attn uses "
+                        "the PyTorch fallback")
     p.add_argument("--seed", type=int, default=0, help="random seed (model init, batch order)")
     args = p.parse_args(argv)
     for name in ("seq_len", "batch_size", "grad_accum", "steps"):
@@ -91,10 +99,39 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup_steps < 0:
         p.error("--warmup-steps must be >= 0")
+    # Checked here rather than left to torch: a negative clipping norm flips the gradients'
+    # sign (training climbs the loss) and 0 zeroes them, both without an error. NaN fails
+    # every comparison, so "not x > 0" rejects it too.
+    if not args.lr > 0 or math.isinf(args.lr):
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if not args.weight_decay >= 0 or math.isinf(args.weight_decay):
+        p.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not args.max_grad_norm > 0:
+        p.error(f"--max-grad-norm must be > 0 (inf disables clipping), got {args.max_grad_norm}")
+    # lora_config is the one place that knows a valid rank and alpha; one flag per call so the
+    # error names the flag that is wrong.
+    for flag, kwargs in (("--lora-r", {"r": args.lora_r}),
+                         ("--lora-alpha", {"alpha": args.lora_alpha})):
+        try:
+            lora_config(**kwargs)
+        except (TypeError, ValueError) as e:
+            p.error(f"{flag}: {e}")
     try:
-        sf_settings(args.group_size_ratio, args.group_size, args.num_sink, args.mode)
+        torch.device(args.device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        p.error(f"--device: {e}")
+    try:
+        settings = sf_settings(args.group_size_ratio, args.group_size, args.num_sink, args.mode)
     except (TypeError, ValueError) as e:
         p.error(str(e))
+    # Every training batch is exactly --seq-len tokens, unpadded, so this is the group size the
+    # attention will use; S2-Attn would otherwise fail on the first forward, after the model
+    # is built (and, with --tiny, base_model/ written).
+    group_size = group_size_for(settings, args.seq_len)
+    if args.mode == "s2" and args.seq_len % group_size:
+        p.error(f"--mode s2 needs --seq-len ({args.seq_len}) to be a multiple of the group size "
+                f"({group_size}, from --group-size / --group-size-ratio), as LongLoRA does; use "
+                f"--mode sf for any length")
     return args
 
 

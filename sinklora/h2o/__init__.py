@@ -1,4 +1,4 @@
-"""H2O heavy-hitter KV cache (``shared/spec/h2o.md``): the decoding half of sinklora.
+"""H2O heavy-hitter KV cache (``docs/spec/h2o.md``): the decoding half of sinklora.
 
 - ``H2OCache``: the transformers ``Cache`` (``cache.py``);
 - ``h2o_prefill`` / ``h2o_decode``: the functional ops for callers outside transformers

@@ -18,7 +18,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..kernels.common import BACKENDS, resolve_backend
+from ..kernels.common import BACKENDS, check_kernel_dtype, resolve_backend
 from .budget import check_budget
 from .ops import decode, prefill
 
@@ -91,6 +91,8 @@ class H2OLayer(CacheLayerMixin):
         if scaling is None:
             scaling = head_dim ** -0.5
         backend = resolve_backend(self.backend, query.device)
+        if backend == "triton":
+            check_kernel_dtype("query", query)
         real = None if padding_mask is None else padding_mask.to(torch.bool)
         out = query.new_empty(batch, q_len, num_heads, head_dim)
         if self.state is None:
@@ -156,7 +158,7 @@ class H2OCache(Cache):
     recent_budget`` entries: the first ``num_sink`` tokens, the ``recent_budget`` newest ones,
     and the ``heavy_budget`` others with the largest accumulated attention (summed over the
     query heads of the kv head). Storage is allocated for that budget, never for the stream.
-    See ``shared/spec/h2o.md``.
+    See ``docs/spec/h2o.md``.
 
     Args:
         heavy_budget: heavy-hitter entries kept (``int >= 0``).

@@ -9,12 +9,11 @@ import math
 
 import torch
 
-from ..kernels.common import resolve_backend
+from ..kernels.common import check_kernel_dtype, resolve_backend
 from .budget import check_budget
 from .reference import decode_torch, prefill_keep, prefill_torch, real_positions
 from .state import H2OState, new_state
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_float(name, t, dims):
@@ -68,11 +67,6 @@ def _scale(softmax_scale, head_dim):
     return float(softmax_scale)
 
 
-def _kernel_dtype(backend, dtype):
-    if backend == "triton" and dtype not in KERNEL_DTYPES:
-        raise TypeError(f"the Triton kernels take {KERNEL_DTYPES}, got {dtype}")
-
-
 def prefill(query, key, value, budget, real, softmax_scale, backend, out=None):
     """Prompt -> (output ``[B, n, Hq, D]``, a new :class:`H2OState` holding the kept entries).
 
@@ -91,6 +85,7 @@ def prefill(query, key, value, budget, real, softmax_scale, backend, out=None):
     state = new_state(key.gather(2, kept_kv), value.gather(2, kept_kv),
                       positions[:, None].expand_as(acc).gather(2, kept), acc.gather(2, kept),
                       next_position)
+    state.budget = budget
     return out, state
 
 
@@ -142,7 +137,8 @@ def h2o_prefill(query, key, value, *, heavy_budget, recent_budget, num_sink=0, p
     batch, _, seq_len, head_dim = query.shape
     real = _check_mask("padding_mask", padding_mask, (batch, seq_len), query.device)
     backend = resolve_backend(backend, query.device)
-    _kernel_dtype(backend, query.dtype)
+    if backend == "triton":
+        check_kernel_dtype("query", query)
     out, state = prefill(query, key, value, budget, real, _scale(softmax_scale, head_dim), backend)
     return out.transpose(1, 2), state
 
@@ -178,11 +174,17 @@ def h2o_decode(query, state, key, value, *, heavy_budget, recent_budget, num_sin
             or held.device != key.device:
         raise ValueError(f"state holds [B, Hkv, *, D] = {tuple(held.shape)} {held.dtype} on "
                          f"{held.device}; key is {tuple(key.shape)} {key.dtype} on {key.device}")
+    if state.budget is not None and state.budget != budget:
+        b = state.budget
+        raise ValueError(f"heavy_budget, recent_budget, num_sink must be the ones the state was "
+                         f"prefilled with ({b.heavy_budget}, {b.recent_budget}, {b.num_sink}), "
+                         f"got ({budget.heavy_budget}, {budget.recent_budget}, {budget.num_sink})")
     if state.length > budget.total:
         raise ValueError(f"state holds {state.length} entries, more than the budget {budget.total}")
     new_real = _check_mask("padding_mask", padding_mask, (batch,), query.device)
     backend = resolve_backend(backend, query.device)
-    _kernel_dtype(backend, query.dtype)
+    if backend == "triton":
+        check_kernel_dtype("query", query)
     scale = _scale(softmax_scale, head_dim)
     out = decode(query, state, key, value, budget, new_real, scale, backend)
     return out, state

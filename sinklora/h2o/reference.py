@@ -1,6 +1,6 @@
 """H2O in plain PyTorch: the path for CPU tensors and the reference the kernels are tested with.
 
-The same algorithm as ``sinklora/kernels/h2o_*.py`` (see ``shared/spec/h2o.md``), written with
+The same algorithm as ``sinklora/kernels/h2o_*.py`` (see ``docs/spec/h2o.md``), written with
 whole-tensor ops over batch, heads and entries; run it on float64 inputs for a reference.
 Prefill walks the prompt in query chunks, so memory is ``O(chunk * n)``, never ``n x n``.
 """

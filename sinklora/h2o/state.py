@@ -18,6 +18,8 @@ class H2OState:
         next_position: ``[B]`` int64, real tokens seen per sequence (the next token's position).
         tickets: ``[B * Hkv]`` int32 zeros the Triton decode uses to merge its chunks (it leaves
             them at zero), made on the first Triton step; ``None`` until then.
+        budget: the :class:`H2OBudget` prefill built the state for (decode steps must use the
+            same); ``None`` for a state assembled by hand.
     """
 
     def __init__(self, key_buffer, value_buffer, position_buffer, score_buffer, length, next_position):
@@ -28,6 +30,7 @@ class H2OState:
         self.length = length
         self.next_position = next_position
         self.tickets = None
+        self.budget = None
 
     @property
     def keys(self):

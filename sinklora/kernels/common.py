@@ -2,8 +2,14 @@
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 BACKENDS = ("auto", "triton", "torch")
+# log2(e): the kernels run softmax in base 2 with ``softmax_scale * LOG2E`` folded into the
+# scores (host code reads ``LOG2E.value``).
+LOG2E = tl.constexpr(1.4426950408889634)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def interpreted():
@@ -24,6 +30,18 @@ def resolve_backend(backend, device):
     return backend
 
 
+def check_kernel_dtype(name, tensor):
+    """The Triton kernels take fp16, bf16 and fp32; on CPU tensors they run in Triton's
+    interpreter, which computes bf16 loads, stores and dots wrongly: refused, not garbage."""
+    if tensor.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend='triton': the Triton kernels take {name} dtypes "
+                        f"{KERNEL_DTYPES}, got {tensor.dtype}")
+    if tensor.dtype == torch.bfloat16 and tensor.device.type != "cuda":
+        raise TypeError(f"backend='triton' on {tensor.device.type} tensors runs Triton's CPU "
+                        f"interpreter, which computes bfloat16 wrongly: {name} is bfloat16; use "
+                        "float16 / float32 there, or backend='torch'")
+
+
 def dot_precision(dtype):
     """``tl.dot``'s ``input_precision`` for operands of ``dtype``.
 
@@ -32,3 +50,17 @@ def dot_precision(dtype):
     attention tile sizes. 16-bit operands take the default.
     """
     return "tf32x3" if dtype == torch.float32 else None
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, o_i, s, v, PV_PRECISION: tl.constexpr):
+    """One block of a base-2 online softmax: running row max ``m``, sum ``l`` and output ``o``
+    ``[M, D]`` take logits ``s`` ``[M, N]`` (``-inf`` = not visible) and values ``v`` ``[N, D]``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row may see no key yet: keep exp2 away from (-inf) - (-inf).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    o_i = o_i * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PV_PRECISION)
+    return m_new, l_i, o_i

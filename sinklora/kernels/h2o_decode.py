@@ -38,14 +38,12 @@ the grid is ``(B * Hkv, S)`` in both launches, so batch 1 with a 32k budget stil
    last program of ``bg`` to finish (an atomic ticket) takes the minimum over the chunks and
    writes the new entry into the victim's slot.
 """
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision
-from .h2o_prefill import online_softmax_step
+from .common import LOG2E, dot_precision, online_softmax_step
 
 BLOCK_N = 64
 # Eviction key of an entry that may not leave (protected, or past the chunk), and "no slot".
@@ -319,7 +317,7 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
     if has_new_real and new_real.dtype == torch.bool:
         new_real = new_real.view(torch.uint8)
     new_real_arg = new_real if has_new_real else next_position  # never read without the flag
-    qk_scale = softmax_scale * math.log2(math.e)
+    qk_scale = softmax_scale * LOG2E.value
     grid = (programs, num_splits)
     meta = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim,
                 HEAD_DIM_P=head_dim_p, BLOCK=BLOCK_N, HAS_NEW_REAL=has_new_real)

@@ -19,13 +19,12 @@ produce. Instead of materializing ``n x n``, two passes share the row log-sum-ex
    every query head of the group and every query block at or below the diagonal, recomputes
    ``exp2(s - lse)`` and sums over queries. GQA is never expanded: heads of a group share ``k``.
 """
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision
+from .common import LOG2E, dot_precision, online_softmax_step
 
 
 def _tiles(dtype, head_dim_p):
@@ -35,21 +34,6 @@ def _tiles(dtype, head_dim_p):
     if dtype == torch.float32:  # 3xTF32 dots split every operand in two: smaller tiles
         return {128: (16, 32, 8, 2), 256: (16, 32, 8, 1)}.get(head_dim_p, (32, 64, 8, 3))
     return (64, 64, 8, 2) if head_dim_p >= 256 else (64, 64, 4, 3)
-
-
-@triton.jit
-def online_softmax_step(m_i, l_i, o_i, s, v, PV_PRECISION: tl.constexpr):
-    """One block of a base-2 online softmax: running row max ``m``, sum ``l`` and output ``o``
-    ``[M, D]`` take logits ``s`` ``[M, N]`` (``-inf`` = not visible) and values ``v`` ``[N, D]``."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row may see no key yet: keep exp2 away from (-inf) - (-inf).
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    o_i = o_i * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PV_PRECISION)
-    return m_new, l_i, o_i
-
 
 
 @triton.jit
@@ -184,7 +168,7 @@ def h2o_prefill_fwd(query, key, value, real, softmax_scale, *, out=None):
         real = real.view(torch.uint8)
     real_arg = real if has_pad else lse
     real_strides = real.stride() if has_pad else (0, 0)
-    qk_scale = softmax_scale * math.log2(math.e)
+    qk_scale = softmax_scale * LOG2E.value
     block_q, block_k, num_warps, num_stages = _tiles(query.dtype, head_dim_p)
     meta = dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK_Q=block_q,
                 BLOCK_K=block_k, HAS_PAD=has_pad, QK_PRECISION=dot_precision(query.dtype),

@@ -44,9 +44,8 @@ import triton.language as tl
 
 from ..sf_attn.pattern import (group_end, group_start, head_shift, in_group, in_sink, in_wrap,
                                wrap_start)
-from .common import dot_precision, interpreted
+from .common import LOG2E, dot_precision, interpreted, online_softmax_step
 
-LOG2E = 1.4426950408889634
 DELTA_ROWS = 32  # rows per program of the delta preprocess (o and do tiles, no dots)
 
 # Which part of the pattern a loop walks; selects the mask inside the shared block helpers.
@@ -113,8 +112,9 @@ def _query_head(bh, num_heads, kv_group, shift_heads, group_size, n, is_s2):
 
 @triton.jit
 def _query_block_ranges(m0, n, group_size, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key ranges of query block ``[m0, m0 + BLOCK_M)``: sink end, then the group's masked /
-    unmasked / masked key ranges (``lo..a`` masked, ``b..c`` full, ``d..hi`` masked)."""
+    """Key ranges of query block ``[m0, m0 + BLOCK_M)``: the last row's group start (the sinks
+    end there), then the group's key ranges ``lo..a`` masked, ``full_lo..full_hi`` unmasked,
+    ``d..hi`` masked."""
     m_last = tl.minimum(m0 + BLOCK_M, n) - 1
     gs_first = group_start(m0, group_size, shift)
     gs_last = group_start(m_last, group_size, shift)
@@ -152,14 +152,7 @@ def _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start1, co
             mask = _part_mask(PART, offs_m[:, None], offs_n[None, :], group_size, shift, num_sink,
                               wrap_from, n, it >= count1 + count2)
             s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row may have no visible key in this block yet: keep exp2 away from (-inf) - (-inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -316,15 +309,16 @@ def _sf_attn_bwd_dq_kernel(
                   group_size, shift, num_sink, wrap_from, qk_scale, sink_dk_base, sink_dv_base,
                   EDGE, BLOCK_N, HEAD_DIM, DOT_PRECISION)
     tl.store(_rows(DQ + b * stride_dqb + h * stride_dqh, m0, stride_dqn, BLOCK_M, HEAD_DIM),
-             (dq * (qk_scale / 1.4426950408889634)).to(DQ.dtype.element_ty),
+             (dq * (qk_scale / LOG2E)).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
 
 @triton.jit
 def _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
                start1, count1, start2, count2, start3, count, offs_n, n, group_size, shift,
-               num_sink, wrap_from, qk_scale, PART: tl.constexpr, BLOCK_Q: tl.constexpr,
+               wrap_from, qk_scale, PART: tl.constexpr, BLOCK_Q: tl.constexpr,
                HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # No sink part here (the dq programs cover the sink keys), so no num_sink.
     for it in range(0, count):
         start_m = _edge_block(it, start1, count1, start2, count2, start3, BLOCK_Q)
         offs_m = start_m + tl.arange(0, BLOCK_Q)
@@ -340,7 +334,7 @@ def _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, s
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         pt = tl.math.exp2(st - lse[None, :])
         if PART != FULL:
-            mask = _part_mask(PART, offs_m[None, :], offs_n[:, None], group_size, shift, num_sink,
+            mask = _part_mask(PART, offs_m[None, :], offs_n[:, None], group_size, shift, 0,
                               wrap_from, n, it >= count1 + count2) & (offs_m[None, :] < n)
             pt = tl.where(mask, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -359,7 +353,7 @@ def _sf_attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    n, num_heads, num_kv_heads, kv_group, shift_heads, group_size, num_sink, is_s2, qk_scale,
+    n, num_heads, num_kv_heads, kv_group, shift_heads, group_size, is_s2, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -398,16 +392,15 @@ def _sf_attn_bwd_dkdv_kernel(
         n_wrap = _num_blocks(0, shift, BLOCK_M) * (n_last >= wrap_from)
         dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
                             stride_don, full_lo, n_full, 0, 0, 0, n_full, offs_n, n, group_size,
-                            shift, num_sink, wrap_from, qk_scale, FULL, BLOCK_M, HEAD_DIM,
-                            DOT_PRECISION)
+                            shift, wrap_from, qk_scale, FULL, BLOCK_M, HEAD_DIM, DOT_PRECISION)
         dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
                             stride_don, lo, n_lead, trail, n_trail, 0, n_lead + n_trail + n_wrap,
-                            offs_n, n, group_size, shift, num_sink, wrap_from, qk_scale, EDGE,
-                            BLOCK_M, HEAD_DIM, DOT_PRECISION)
+                            offs_n, n, group_size, shift, wrap_from, qk_scale, EDGE, BLOCK_M,
+                            HEAD_DIM, DOT_PRECISION)
 
     # dk: d s / d k = softmax_scale * q, and qk_scale = softmax_scale * log2(e).
     tl.store(_rows(DK + b * stride_dkb + g * stride_dkh, n0, stride_dkn, BLOCK_N, HEAD_DIM),
-             (dk * (qk_scale / 1.4426950408889634)).to(DK.dtype.element_ty), mask=key_ok)
+             (dk * (qk_scale / LOG2E)).to(DK.dtype.element_ty), mask=key_ok)
     tl.store(_rows(DV + b * stride_dvb + g * stride_dvh, n0, stride_dvn, BLOCK_N, HEAD_DIM),
              dv.to(DV.dtype.element_ty), mask=key_ok)
 
@@ -445,9 +438,9 @@ def _tile_class(head_dim, dtype):
 def tiles(head_dim, dtype):
     """``{"fwd": Tile, "dq": Tile, "dkdv": Tile}`` for a head dim and dtype.
 
-    Every tile compiles for sm_90 without register spills and fits the H100's shared memory
-    (tests/kernels/test_cuda_compile.py checks both with ptxas); ``bench/tune_sf.py`` times the
-    candidates on a GPU. The interpreter gets small tiles, which exercise the block-edge logic
+    Every tile compiles for sm_90 within the H100's shared memory and, except fp32 at D = 256,
+    without register spills (tests/kernels/test_cuda_compile.py checks both with ptxas);
+    ``bench/tune_sf.py`` times candidates on a GPU. The interpreter gets small tiles, which exercise the block-edge logic
     at test sizes.
     """
     if interpreted():
@@ -484,7 +477,7 @@ def sf_attn_forward(q, k, v, group_size, num_sink, shift_heads, is_s2, softmax_s
     _sf_attn_fwd_kernel[grid](
         q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
         n, num_heads, num_heads // k.shape[1], shift_heads, group_size, num_sink, int(is_s2),
-        softmax_scale * LOG2E,
+        softmax_scale * LOG2E.value,
         HEAD_DIM=head_dim, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_S=_sink_block(num_sink),
         DOT_PRECISION=dot_precision(q.dtype), num_warps=tile.warps, num_stages=tile.stages,
     )
@@ -499,7 +492,7 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
     num_kv_heads = k.shape[1]
     kv_group = num_heads // num_kv_heads
     launch = tiles(head_dim, q.dtype)
-    qk_scale = softmax_scale * LOG2E
+    qk_scale = softmax_scale * LOG2E.value
     precision = dot_precision(q.dtype)
 
     delta = new_output((bsz, num_heads, n), torch.float32, q.device)
@@ -531,8 +524,7 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
         q, k, v, do, lse, delta, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk),
         *_strides3(dv),
-        n, num_heads, num_kv_heads, kv_group, shift_heads, group_size, num_sink, int(is_s2),
-        qk_scale,
+        n, num_heads, num_kv_heads, kv_group, shift_heads, group_size, int(is_s2), qk_scale,
         HEAD_DIM=head_dim, BLOCK_N=tile.rows, BLOCK_M=tile.cols,
         DOT_PRECISION=precision, num_warps=tile.warps, num_stages=tile.stages,
     )

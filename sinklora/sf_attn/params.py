@@ -4,11 +4,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.common import check_kernel_dtype
 from .pattern import plain
 
 MODES = ("sf", "s2")
 KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,8 @@ def check_args(q, k, v, group_size, num_sink, shift_heads, mode, softmax_scale):
         raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)}")
 
     group_size = check_group_size(group_size)
-    num_sink = check_num_sink(num_sink)
+    # Sinks past the sequence change nothing; clamped so no buffer is sized by them.
+    num_sink = min(check_num_sink(num_sink), n)
     check_mode(mode)
     if shift_heads is None:
         shift_heads = hq // 2
@@ -107,8 +108,7 @@ def check_args(q, k, v, group_size, num_sink, shift_heads, mode, softmax_scale):
 
 def check_kernel_args(q, p):
     """What the Triton kernels can take, beyond the pattern's own rules."""
-    if q.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"backend='triton' supports q/k/v dtypes {KERNEL_DTYPES}, got {q.dtype}")
+    check_kernel_dtype("q/k/v", q)
     if p.head_dim not in KERNEL_HEAD_DIMS:
         raise ValueError(
             f"backend='triton' supports head dims {KERNEL_HEAD_DIMS}, got D={p.head_dim}; "

@@ -2,7 +2,7 @@
 
 Written as ``@triton.jit`` helpers built from plain operators only, so the kernels call them
 on Triton tensors while the dense reference and the PyTorch fallback call the very same
-function bodies on ints or torch tensors through ``plain`` (below). See ``shared/spec/sf_attn.md``.
+function bodies on ints or torch tensors through ``plain`` (below). See ``docs/spec/sf_attn.md``.
 
 Per head the pattern has two numbers:
 

@@ -48,7 +48,7 @@ def recorded_attention(monkeypatch):
 
 
 class Oracle:
-    """The spec (``shared/spec/h2o.md``) for one attention layer, literally: per sequence and kv
+    """The spec (``docs/spec/h2o.md``) for one attention layer, literally: per sequence and kv
     head a Python list of entries ``[pos, acc, key, value]``, float64, one query at a time."""
 
     def __init__(self, heavy_budget, recent_budget, num_sink, scale):

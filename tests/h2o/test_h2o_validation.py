@@ -51,6 +51,13 @@ def test_prefill_rejects_bad_tensors():
         h2o_prefill(q, k, v, backend="fast", **BUDGET)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors run in the interpreter only")
+def test_interpreter_refuses_bfloat16():
+    q, k, v = (t.bfloat16() for t in qkv())
+    with pytest.raises(TypeError, match=r"interpreter.*bfloat16 wrongly"):
+        h2o_prefill(q, k, v, backend="triton", **BUDGET)
+
+
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"^backend='triton' needs CUDA tensors, got cpu"):
@@ -71,6 +78,9 @@ def test_decode_rejects_a_state_that_does_not_fit():
         h2o_decode(step[0], "state", step[1], step[2], **BUDGET)
     with pytest.raises(ValueError, match="state holds"):
         h2o_decode(step[0][:1], state, step[1][:1], step[2][:1], **BUDGET)
+    with pytest.raises(ValueError, match="must be the ones the state was prefilled with"):
+        h2o_decode(*step[:1], state, *step[1:], **{**BUDGET, "num_sink": 0})
+    state.budget = None  # as a state assembled by hand: only its size can be checked
     with pytest.raises(ValueError, match="more than the budget"):
         h2o_decode(*step[:1], state, *step[1:], heavy_budget=1, recent_budget=1)
     with pytest.raises(ValueError, match="padding_mask"):

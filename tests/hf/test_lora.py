@@ -69,10 +69,24 @@ def test_gradient_checkpointing_backward_matches_plain():
     (dict(target_modules="q_proj"), "target_modules", TypeError),
     (dict(target_modules=()), "target_modules", ValueError),
     (dict(trainable_modules=[3]), "trainable_modules", TypeError),
+    (dict(target_modules=None), "target_modules", TypeError),
+    (dict(trainable_modules=None), "trainable_modules", TypeError),
+    (dict(target_modules=4), "target_modules", TypeError),
+    (dict(trainable_modules="norm"), "trainable_modules", TypeError),
+    (dict(target_modules=["q_proj", ""]), "target_modules", TypeError),
+    (dict(target_modules=(m for m in ())), "target_modules", ValueError),
 ])
 def test_lora_config_bad_arguments(kwargs, name, error):
     with pytest.raises(error, match=name):
         sinklora.lora_config(**kwargs)
+
+
+def test_lora_config_takes_any_iterable_of_names():
+    """A generator is read once, not used up by the check; no trainable modules: plain LoRA."""
+    cfg = sinklora.lora_config(target_modules=(m for m in ("q_proj", "v_proj")),
+                               trainable_modules=())
+    assert set(cfg.target_modules) == {"q_proj", "v_proj"}
+    assert cfg.modules_to_save is None
 
 
 @pytest.mark.parametrize("max_length, factor", [(1000, 4), (1024, 4), (1025, 5), (100, 1)])
@@ -119,3 +133,7 @@ def test_extend_context_bad_arguments():
                                           "original_max_position_embeddings": 8192})
     with pytest.raises(ValueError, match="rope_type"):
         sinklora.extend_context(llama3, 65536)
+    no_factor = LlamaConfig(max_position_embeddings=1024)
+    no_factor.rope_parameters = {"rope_type": "linear", "rope_theta": 1e4}
+    with pytest.raises(ValueError, match="model_or_config .*'factor'"):
+        sinklora.extend_context(no_factor, 4096)

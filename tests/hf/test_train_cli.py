@@ -90,12 +90,62 @@ def test_help_explains_every_flag(capsys):
     (["--tiny", "--data", "x", "--output-dir", "o", "--seq-len", "0"], "--seq-len"),
     (["--tiny", "--data", "x", "--output-dir", "o", "--group-size", "7"], "group_size"),
     (["--tiny", "--data", "x", "--output-dir", "o", "--mode", "s3"], "--mode"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--max-grad-norm", "-1"], "--max-grad-norm"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--max-grad-norm", "0"], "--max-grad-norm"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--max-grad-norm", "nan"], "--max-grad-norm"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--lr", "0"], "--lr"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--lr", "-1e-4"], "--lr"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--lr", "inf"], "--lr"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--weight-decay", "-0.1"], "--weight-decay"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--weight-decay", "nan"], "--weight-decay"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--lora-r", "0"], "--lora-r"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--lora-alpha", "-16"], "--lora-alpha"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--lora-alpha", "inf"], "--lora-alpha"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--device", "gpu"], "--device"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--device", "cuda:x"], "--device"),
+    # --seq-len 100 at the default ratio 0.25: group size 24, and 100 % 24 != 0.
+    (["--tiny", "--data", "x", "--output-dir", "o", "--mode", "s2", "--seq-len", "100"],
+     "--mode s2 needs --seq-len (100) to be a multiple of the group size (24"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--mode", "s2", "--seq-len", "64",
+      "--group-size", "24"],
+     "--mode s2 needs --seq-len (64) to be a multiple of the group size (24"),
 ])
 def test_bad_flags_exit(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         train.parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_good_flags_parse():
+    args = train.parse_args(["--tiny", "--data", "x", "--output-dir", "o", "--max-grad-norm", "inf",
+                             "--lr", "3e-4", "--weight-decay", "0", "--lora-r", "2",
+                             "--lora-alpha", "0.5", "--device", "cpu", "--mode", "s2",
+                             "--seq-len", "64", "--group-size", "16"])
+    assert args.max_grad_norm == float("inf") and args.lr == 3e-4 and args.weight_decay == 0
+    assert (args.lora_r, args.lora_alpha, args.device) == (2, 0.5, "cpu")
+    assert (args.mode, args.seq_len, args.group_size) == ("s2", 64, 16)
+
+
+def test_bad_flag_writes_nothing(tmp_path):
+    """Rejected by the parser: no model built, no base_model/ saved, no output directory."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--tiny", "--data", str(TEXT), "--output-dir", str(out), "--mode", "s2",
+                    "--seq-len", "100", "--steps", "1"])
+    assert exc.value.code == 2
+    assert not out.exists()
+
+
+def test_train_s2_at_a_valid_length(tmp_path):
+    """--mode s2 with --seq-len a multiple of the ratio's group size (96 * 0.25 = 24) trains, so
+    the parser computes the group size the trainer uses; inf turns clipping off."""
+    out = tmp_path / "run"
+    train.main(["--tiny", "--data", str(TEXT), "--output-dir", str(out), "--mode", "s2",
+                "--seq-len", "96", "--steps", "1", "--lr", "1e-3", "--warmup-steps", "0",
+                "--max-grad-norm", "inf", "--no-gradient-checkpointing", "--device", "cpu"])
+    assert json.loads((out / "config.json").read_text())["sinklora"]["mode"] == "s2"
+    assert (out / "adapter_model.safetensors").exists()
 
 
 def test_corpus(tmp_path):

@@ -7,7 +7,6 @@ import torch
 from conftest import KERNEL_DTYPES
 from sf_helpers import Case, assert_close, make_inputs
 from sinklora import sf_attention
-from sinklora.sf_attn import op  # noqa: F401  registers torch.ops.sinklora.*
 
 COMPILE_CASES = [
     Case(1, 4, 2, 21, 16, 8, 4, None, "sf"),

@@ -1,4 +1,4 @@
-"""The identities of shared/spec/sf_attn.md as property tests, each against an algorithm written
+"""The identities of docs/spec/sf_attn.md as property tests, each against an algorithm written
 here independently of ``sinklora.sf_attn.pattern``: LongLoRA's roll-and-reshape S2-Attn, its
 flash-attn varlen formulation, full causal attention for ``G >= N``; and the fallback against
 the dense reference in float64."""
@@ -144,3 +144,18 @@ def test_group_covering_the_sequence_is_full_causal_attention(case):
 def test_fallback_equals_reference_in_float64(case):
     check_against_reference(*make_inputs(case, torch.float64, "cpu", requires_grad=True),
                             "torch", case.kwargs())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_more_sinks_than_tokens_equal_every_token_a_sink(backend, device):
+    # num_sink past N changes nothing (and sizes no buffer: 2**40 would not fit in memory).
+    case = Case(1, 2, 1, 20, 16, 4, 20, None, "sf")
+    q, k, v = make_inputs(case, torch.float32, device, requires_grad=True)
+    out = sf_attention(q, k, v, group_size=4, num_sink=2**40, backend=backend)
+    d_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), d_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sf_attention_reference(q64, k64, v64, group_size=4, num_sink=20)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), d_out.double())
+    for what, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert_close(got, want, torch.float32, what)

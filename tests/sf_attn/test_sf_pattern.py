@@ -24,7 +24,7 @@ IDS = [f"{m}-H{h}-N{n}-G{g}-S{s}-shift{sh}" for h, n, g, s, sh, m in PATTERNS]
 
 
 def spec_visible(i, j, shifted, n, group_size, num_sink, mode):
-    """A literal transcription of "Which keys query i sees" in shared/spec/sf_attn.md."""
+    """A literal transcription of "Which keys query i sees" in docs/spec/sf_attn.md."""
     half = group_size // 2
     if j < num_sink and j <= i:
         return True

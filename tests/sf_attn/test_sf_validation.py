@@ -83,6 +83,13 @@ def test_unknown_backend(backend):
         sf_attention(q, k, v, backend=backend, **GOOD.kwargs())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors run in the interpreter only")
+def test_interpreter_refuses_bfloat16():
+    q, k, v = make_inputs(GOOD, torch.bfloat16, "cpu")
+    with pytest.raises(TypeError, match=r"interpreter.*bfloat16 wrongly"):
+        sf_attention(q, k, v, backend="triton", **GOOD.kwargs())
+
+
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     q, k, v = make_inputs(GOOD, torch.float32, "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
