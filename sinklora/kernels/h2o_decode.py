@@ -254,10 +254,13 @@ def _decode_update(
         tl.store(TICKETS + bg, 0)
 
 
-def _partial_stages(keys, head_dim_p):
-    """Pipeline depth of the partial pass: three key/value blocks in flight, two where three
-    would not fit the H100's shared memory (fp32 at D = 256; tests/kernels checks)."""
-    return 2 if keys.element_size() * head_dim_p > 512 else 3
+def _partial_launch(keys, head_dim_p):
+    """``num_warps`` and ``num_stages`` of the partial pass: three key/value blocks in flight,
+    two where three would not fit the H100's shared memory (fp32 at D = 256); eight warps for
+    fp32 from D = 128, where four run out of registers (tests/kernels checks both)."""
+    fp32 = keys.element_size() == 4
+    return dict(num_warps=8 if fp32 and head_dim_p >= 128 else 4,
+                num_stages=2 if fp32 and head_dim_p >= 256 else 3)
 
 
 def _num_splits(device, programs, length):
@@ -329,8 +332,7 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
         logits, part_m, part_l, part_o,
         *query.stride(), *kv_strides, logits.stride(0), logits.stride(1),
         length, chunk, qk_scale, QK_PRECISION=dot_precision(query.dtype),
-        PV_PRECISION=dot_precision(values.dtype), num_stages=_partial_stages(keys, head_dim_p),
-        **meta,
+        PV_PRECISION=dot_precision(values.dtype), **_partial_launch(keys, head_dim_p), **meta,
     )
     _decode_update[grid](
         out, key_new, value_new, keys, values, positions, scores, new_real_arg, next_position,

@@ -1,5 +1,6 @@
 """Argument checking shared by every SF-Attn entry point (reference, fallback, kernels)."""
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,10 @@ class SFParams:
 
 
 def _int_arg(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int: any integral number (numpy's too), never a bool or float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
+    return int(value)
 
 
 def check_group_size(group_size):

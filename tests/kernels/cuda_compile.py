@@ -6,23 +6,22 @@ Run as a script with ``TRITON_INTERPRET=0``: ``JITFunction.run`` is replaced by 
 public ops run on CPU tensors (launches are recorded, not executed; their outputs are garbage
 and not looked at), then each recorded launch is compiled with ``triton.compile`` for the
 target, from the launch's own arguments and meta-parameters, specialized as the JIT would on
-a GPU. Each kernel's PTX then goes through Triton's own ptxas with ``-v`` for its register and
-spill counts. Prints one JSON line per kernel.
+a GPU. Registers and spills come from the log of the ptxas run Triton itself makes (with the
+flags this Triton version passes), so every kernel is compiled afresh, never taken from the
+cache. Prints one JSON line per kernel.
 """
+import contextlib
+import io
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton._C.libtriton import native_specialize_impl as specialize
-from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.runtime.jit import JITFunction
 
 OPTION_NAMES = ("num_warps", "num_stages", "num_ctas")
@@ -56,15 +55,8 @@ def _signature(fn, args, kwargs):
     return signature, constexprs, attrs
 
 
-def ptxas_usage(ptx, arch):
-    """``(registers, spill bytes stored + loaded)`` of the kernel in ``ptx``, from ptxas."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp, "kernel.ptx")
-        src.write_text(ptx)
-        gpu = f"--gpu-name={sm_arch_from_capability(arch)}"
-        log = subprocess.run([get_ptxas(arch).path, "-v", gpu,
-                              str(src), "-o", str(Path(tmp, "kernel.cubin"))],
-                             capture_output=True, text=True, check=True).stderr
+def ptxas_usage(log):
+    """``(registers, spill bytes stored + loaded)`` from the ptxas log of one kernel."""
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return registers, int(spills.group(1)) + int(spills.group(2))
@@ -81,10 +73,13 @@ def compile_launches(target):
             continue
         seen.add(key)
         options = {k: kwargs[k] for k in OPTION_NAMES if k in kwargs}
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                  options=options)
-        registers, spills = ptxas_usage(compiled.asm["ptx"], target.arch)
-        results.append({"kernel": fn.__name__, "shared": compiled.metadata.shared,
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):  # Triton prints the ptxas log it was asked for
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                      options=options)
+        registers, spills = ptxas_usage(log.getvalue())
+        results.append({"kernel": fn.__name__, "triton": triton.__version__,
+                        "shared": compiled.metadata.shared,
                         "registers": registers, "spill_bytes": spills,
                         "options": options,
                         "dtypes": sorted({t for t in signature.values() if t.startswith("*")}),
@@ -124,6 +119,8 @@ def _h2o_calls(dtype, head_dim):
 def main():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("run with TRITON_INTERPRET=0: the interpreter does not compile")
+    # Read by Triton at compile time: a cached kernel would come without a ptxas log.
+    os.environ.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
     cases = sys.argv[2:] or ["sf:bfloat16:128", "sf:float32:64", "h2o:bfloat16:128"]
     JITFunction.run = _record

@@ -47,13 +47,22 @@ def test_shared_memory_fits_an_h100(compiled):
     assert not too_big, f"kernels over {H100_SHARED_BYTES} bytes of shared memory: {too_big}"
 
 
+def _register_cap(num_warps):
+    # ptxas gives a thread at most 65536 / (threads per block) registers, and never over 255.
+    return min(255, 65536 // (32 * num_warps))
+
+
 def test_no_register_spills(compiled):
     # A spill moves tile values to local memory (DRAM behind L1) inside the inner loops; the
-    # launchers' tiles are chosen so that ptxas needs none.
+    # launchers' tiles are chosen so that ptxas needs none. Local memory at fewer registers
+    # than the cap is not register pressure (ptxas 13 keeps 8 bytes of stack for the decode
+    # update at 40 registers) and is not counted.
     spilled = [(r["kernel"], r["dtypes"], r["constexprs"].get("HEAD_DIM"), r["registers"],
                 r["spill_bytes"]) for r in compiled
-               if r["spill_bytes"] and not any((dtype, r["constexprs"].get("HEAD_DIM")) in
-                                               SPILLS_ALLOWED for dtype in r["dtypes"])]
+               if r["spill_bytes"]
+               and r["registers"] >= _register_cap(r["options"].get("num_warps", 4))
+               and not any((dtype, r["constexprs"].get("HEAD_DIM")) in SPILLS_ALLOWED
+                           for dtype in r["dtypes"])]
     assert not spilled, f"kernels that spill registers (kernel, dtypes, D, regs, bytes): {spilled}"
 
 

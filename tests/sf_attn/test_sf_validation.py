@@ -2,6 +2,7 @@
 every entry point (both backends of ``sf_attention`` and the dense reference)."""
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +75,15 @@ def test_bad_keyword_is_named(bad, entry):
     q, k, v = make_inputs(GOOD, torch.float32, "cpu")
     with pytest.raises(error, match=pattern):
         ENTRY_POINTS[entry](q, k, v, **{**GOOD.kwargs(), **overrides})
+
+
+def test_numpy_integers_are_ints():
+    q, k, v = make_inputs(GOOD, torch.float32, "cpu")
+    kwargs = GOOD.kwargs()
+    ref = sf_attention(q, k, v, backend="torch", **kwargs)
+    np_kwargs = {**kwargs, "group_size": np.int64(kwargs["group_size"]),
+                 "num_sink": np.int32(kwargs["num_sink"])}
+    assert torch.equal(sf_attention(q, k, v, backend="torch", **np_kwargs), ref)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "flash", None])
