@@ -59,8 +59,8 @@ def _part_mask(PART: tl.constexpr, i, j, group_size, shift, num_sink, wrap_from,
     if PART == SINK:
         mask = in_sink(i, j, group_size, shift, num_sink)
     else:
-        mask = tl.where(wrap_block, in_wrap(i, j, shift, wrap_from, n), in_group(i, j, group_size,
-                                                                                   shift))
+        mask = tl.where(wrap_block, in_wrap(i, j, shift, wrap_from, n),
+                        in_group(i, j, group_size, shift))
     return mask
 
 
