@@ -18,7 +18,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..kernels.common import BACKENDS, check_kernel_dtype, resolve_backend
+from ..kernels.common import BACKENDS, resolve_backend
 from .budget import check_budget
 from .ops import decode, prefill
 
@@ -90,9 +90,7 @@ class H2OLayer(CacheLayerMixin):
         batch, num_heads, q_len, head_dim = query.shape
         if scaling is None:
             scaling = head_dim ** -0.5
-        backend = resolve_backend(self.backend, query.device)
-        if backend == "triton":
-            check_kernel_dtype("query", query)
+        backend = resolve_backend(self.backend, query, "query")
         real = None if padding_mask is None else padding_mask.to(torch.bool)
         out = query.new_empty(batch, q_len, num_heads, head_dim)
         if self.state is None:

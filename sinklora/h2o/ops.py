@@ -5,15 +5,13 @@
 kernels (``sinklora/kernels/h2o_*.py``) on CUDA and to the plain PyTorch implementation
 (``reference.py``) elsewhere.
 """
-import math
-
 import torch
 
-from ..kernels.common import check_kernel_dtype, resolve_backend
+from ..kernels.common import resolve_backend
+from ..sf_attn.params import check_softmax_scale
 from .budget import check_budget
 from .reference import decode_torch, prefill_keep, prefill_torch, real_positions
 from .state import H2OState, new_state
-
 
 
 def _check_float(name, t, dims):
@@ -56,16 +54,6 @@ def _check_qkv(query, key, value, dims):
                          f"{tuple(query.shape)}, got {tuple(key.shape)}")
     if query.numel() == 0:
         raise ValueError(f"query must be non-empty, got shape {tuple(query.shape)}")
-
-
-def _scale(softmax_scale, head_dim):
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a finite positive float, got {softmax_scale}")
-    return float(softmax_scale)
 
 
 def prefill(query, key, value, budget, real, softmax_scale, backend, out=None):
@@ -137,10 +125,9 @@ def h2o_prefill(query, key, value, *, heavy_budget, recent_budget, num_sink=0, p
     _check_qkv(query, key, value, 4)
     batch, _, seq_len, head_dim = query.shape
     real = _check_mask("padding_mask", padding_mask, (batch, seq_len), query.device)
-    backend = resolve_backend(backend, query.device)
-    if backend == "triton":
-        check_kernel_dtype("query", query)
-    out, state = prefill(query, key, value, budget, real, _scale(softmax_scale, head_dim), backend)
+    backend = resolve_backend(backend, query, "query")
+    scale = check_softmax_scale(softmax_scale, head_dim)
+    out, state = prefill(query, key, value, budget, real, scale, backend)
     return out.transpose(1, 2), state
 
 
@@ -183,9 +170,7 @@ def h2o_decode(query, state, key, value, *, heavy_budget, recent_budget, num_sin
     if state.length > budget.total:
         raise ValueError(f"state holds {state.length} entries, more than the budget {budget.total}")
     new_real = _check_mask("padding_mask", padding_mask, (batch,), query.device)
-    backend = resolve_backend(backend, query.device)
-    if backend == "triton":
-        check_kernel_dtype("query", query)
-    scale = _scale(softmax_scale, head_dim)
+    backend = resolve_backend(backend, query, "query")
+    scale = check_softmax_scale(softmax_scale, head_dim)
     out = decode(query, state, key, value, budget, new_real, scale, backend)
     return out, state

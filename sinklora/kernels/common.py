@@ -17,20 +17,24 @@ def interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend, device):
-    """``"triton"`` or ``"torch"`` for tensors on ``device``: ``"auto"`` takes the kernels on
-    CUDA and the PyTorch path elsewhere; ``"triton"`` on CPU tensors needs the interpreter."""
+def resolve_backend(backend, tensor, name):
+    """``"triton"`` or ``"torch"`` for the input ``tensor`` (called ``name`` in errors):
+    ``"auto"`` takes the kernels on CUDA and the PyTorch path elsewhere; ``"triton"`` on CPU
+    tensors needs the interpreter. With ``"triton"`` the tensor's dtype is checked too."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = tensor.device.type
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and not interpreted():
-        raise ValueError(f"backend='triton' needs CUDA tensors, got {device.type} tensors "
+        backend = "triton" if device == "cuda" else "torch"
+    elif backend == "triton" and device != "cuda" and not interpreted():
+        raise ValueError(f"backend='triton' needs CUDA tensors, got {device} tensors "
                          "(or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
+    if backend == "triton":
+        _check_kernel_dtype(name, tensor)
     return backend
 
 
-def check_kernel_dtype(name, tensor):
+def _check_kernel_dtype(name, tensor):
     """The Triton kernels take fp16, bf16 and fp32; on CPU tensors they run in Triton's
     interpreter, which computes bf16 loads, stores and dots wrongly: refused, not garbage."""
     if tensor.dtype not in KERNEL_DTYPES:

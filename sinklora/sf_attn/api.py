@@ -27,7 +27,7 @@ def sf_attention(q, k, v, *, group_size, num_sink=4, shift_heads=None, mode="sf"
         ``[B, Hq, N, D]`` in ``q``'s dtype, differentiable in q, k, v.
     """
     p = check_args(q, k, v, group_size, num_sink, shift_heads, mode, softmax_scale)
-    if resolve_backend(backend, q.device) == "torch":
+    if resolve_backend(backend, q, "q/k/v") == "torch":
         return sf_attention_torch(q, k, v, p)
-    check_kernel_args(q, p)
+    check_kernel_args(p)
     return sf_attention_triton(q, k, v, p)

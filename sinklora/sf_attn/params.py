@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.common import check_kernel_dtype
 from .pattern import plain
 
 MODES = ("sf", "s2")
@@ -99,18 +98,25 @@ def check_args(q, k, v, group_size, num_sink, shift_heads, mode, softmax_scale):
             f'mode="s2" needs the sequence length ({n}) to be a multiple of group_size '
             f'({group_size}), as LongLoRA does; use mode="sf" for any length'
         )
+    return SFParams(b, hq, hkv, n, d, group_size, num_sink, shift_heads, mode,
+                    check_softmax_scale(softmax_scale, d))
+
+
+def check_softmax_scale(softmax_scale, head_dim):
+    """``softmax_scale`` as a float: ``1 / sqrt(head_dim)`` when ``None``, else a finite
+    positive number (SF-Attn and H2O share this rule)."""
     if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(d)
+        return 1.0 / math.sqrt(head_dim)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a finite positive float, got {softmax_scale}")
-    return SFParams(b, hq, hkv, n, d, group_size, num_sink, shift_heads, mode, float(softmax_scale))
+    return float(softmax_scale)
 
 
-def check_kernel_args(q, p):
-    """What the Triton kernels can take, beyond the pattern's own rules."""
-    check_kernel_dtype("q/k/v", q)
+def check_kernel_args(p):
+    """What the Triton kernels can take, beyond the pattern's own rules and the dtypes
+    (``resolve_backend``)."""
     if p.head_dim not in KERNEL_HEAD_DIMS:
         raise ValueError(
             f"backend='triton' supports head dims {KERNEL_HEAD_DIMS}, got D={p.head_dim}; "

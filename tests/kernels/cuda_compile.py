@@ -103,8 +103,7 @@ def _h2o_calls(dtype, head_dim):
 
     # CPU tensors whose launches are recorded, not run: neither the device nor the
     # interpreter's bf16 limit applies.
-    ops.resolve_backend = lambda backend, device: "triton"
-    ops.check_kernel_dtype = lambda name, tensor: None
+    ops.resolve_backend = lambda backend, tensor, name: "triton"
     # One (sequence, kv head) and a long state: the decode step splits it over several programs.
     b, hq, hkv, n = 1, 4, 1, 300
     q = torch.randn(b, hq, n, head_dim, dtype=dtype)
