@@ -22,7 +22,7 @@ interpolated base instead, which is harder to recover from. Mean and sample std 
 Finished runs are kept in the cache directory (``--cache-dir``), keyed by the checkpoint, the
 recipe and the git sha (``BENCH_GIT_SHA`` where there is no ``.git``): a run stopped by
 ``--time-budget`` continues where it stopped when started again; changed code starts over.
-Results: ``<results dir>/context_extension{,_smoke}.{md,csv,png}``.
+Results: ``<results dir>/context_extension{,_cpu,_smoke}.{md,csv,png}`` (by ``--preset``).
 """
 import dataclasses
 import hashlib
@@ -71,8 +71,12 @@ class ExtensionRecipe:
 # 16 windows of 1024 bytes = 16k tokens a step, as in pretraining.
 GPU_EXTENSION = ExtensionRecipe(factor=4, batch=16, steps=400, lr=5e-4, warmup=20,
                                 eval_windows=128, eval_batch=16)
+# 8 windows of 512 bytes = 4k tokens a step (~0.3 s a step with SF-Attn on 2 CPU cores).
+CPU_EXTENSION = ExtensionRecipe(factor=4, batch=8, steps=300, lr=1e-3, warmup=20,
+                                eval_windows=64, eval_batch=16)
 SMOKE_EXTENSION = ExtensionRecipe(factor=4, batch=2, steps=3, lr=1e-3, warmup=1,
                                   eval_windows=4, eval_batch=4)
+EXTENSIONS = {"gpu": GPU_EXTENSION, "cpu": CPU_EXTENSION, "smoke": SMOKE_EXTENSION}
 
 
 def _run_key(checkpoint, recipe, git_sha):
@@ -164,7 +168,7 @@ def _fmt(values, digits, scale=1.0):
     return paper_results.fmt_spread(values, digits) if values else "n/a"
 
 
-def report(log, arms, seeds, ctx, paths, env, header, smoke):
+def report(log, arms, seeds, ctx, paths, env, header, preset):
     """Prints and writes the table, the CSV and the plot; returns the markdown table."""
     per_seed = summarize(log, arms, seeds)
     base, pi = log.get("base", None), log.get("base+pi", None)
@@ -206,11 +210,11 @@ def report(log, arms, seeds, ctx, paths, env, header, smoke):
                          "mode": settings["mode"] if settings else None,
                          "num_sink": settings["num_sink"] if settings else None})
     paper_results.write_csv(paths["csv"], columns, csv_rows, env)
-    _plot(summary, base, pi, ctx, paths["png"], env, smoke)
+    _plot(summary, base, pi, ctx, paths["png"], env, preset)
     return table
 
 
-def _plot(summary, base, pi, ctx, path, env, smoke):
+def _plot(summary, base, pi, ctx, path, env, preset):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,7 +242,7 @@ def _plot(summary, base, pi, ctx, path, env, smoke):
     ax_rec.bar(arms, [m for m, _ in rec_stats], yerr=[s or 0 for _, s in rec_stats], capsize=4,
                color="tab:green")
     ax_rec.set_title("recovery of full fine-tuning's gain, %")
-    paper_results.save_figure(fig, path, env, smoke)
+    paper_results.save_figure(fig, path, env, preset)
 
 
 def main(argv=None):
@@ -254,15 +258,16 @@ def main(argv=None):
     parser.add_argument("--fresh", action="store_true",
                         help="forget finished runs of this configuration and run all again")
     args = parser.parse_args(argv)
-    seeds = args.seeds or ([0] if args.smoke else [0, 1])
-    if len(seeds) < 2 and not args.smoke:
+    smoke = args.preset == "smoke"
+    seeds = args.seeds or ([0] if smoke else [0, 1])
+    if len(seeds) < 2 and not smoke:
         parser.error("--seeds needs at least 2 seeds outside --smoke (mean and spread)")
     start = time.monotonic()
     exp = pretrain.start_experiment(args)
     # Each arm loads the checkpoint afresh; the model in exp stays untouched.
     device, corpus, env, size = exp.device, exp.corpus, exp.env, exp.size
     checkpoint = exp.checkpoint
-    recipe = SMOKE_EXTENSION if args.smoke else GPU_EXTENSION
+    recipe = EXTENSIONS[args.preset]
     target = size.context * recipe.factor
     windows = corpus_mod.validation_windows(corpus.validation, target, recipe.eval_windows)
     key = _run_key(checkpoint, recipe, env["git_sha"])
@@ -286,11 +291,11 @@ def main(argv=None):
         f"(r={recipe.lora_r}, alpha={recipe.lora_alpha}), {recipe.steps} steps of "
         f"{recipe.batch} x {target} tokens, lr {recipe.lr} (warmup {recipe.warmup}, cosine), "
         f"group size {target // 4}, seeds {seeds}; evaluation: {recipe.eval_windows} "
-        f"validation windows of {target} bytes, full attention", args.smoke)
+        f"validation windows of {target} bytes, full attention")
     ctx = {"context": size.context, "target": target}
     report(log, args.arms, seeds, ctx, paper_results.output_paths(args.results_dir, NAME,
-                                                                  args.smoke), env, header,
-           args.smoke)
+                                                                  args.preset), env, header,
+           args.preset)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ positions inside its cache; with documents no longer than ``L`` every position h
 model was trained on). The ``full cache`` row is the same windows through one ordinary forward;
 at 100 % every policy must equal it, which the run checks. After each configuration the run also
 checks that every layer stores exactly ``min(b, tokens seen)`` entries including the sinks and
-the recent window. Results: ``<results dir>/h2o_quality{,_smoke}.{md,csv,png}``.
+the recent window. Results: ``<results dir>/h2o_quality{,_cpu,_smoke}.{md,csv,png}`` (by
+``--preset``).
 """
 import math
 import time
@@ -38,8 +39,8 @@ POLICIES = ("h2o", "h2o+sinks", "streamingllm", "recent")
 # Relative ppl difference allowed between the 100 % budget and the full-cache forward: bf16
 # autocast on GPU runs decode and SDPA with different rounding; fp32 only differs in order.
 FULL_BUDGET_TOLERANCE = {torch.bfloat16: 2e-2, None: 1e-4}
-GPU_DOCS, GPU_BATCH = 64, 64
-SMOKE_DOCS, SMOKE_BATCH = 4, 4
+# --preset -> (validation windows, windows streamed together)
+DOCS = {"gpu": (64, 64), "cpu": (64, 32), "smoke": (4, 4)}
 
 
 def budget_split(policy, budget):
@@ -136,7 +137,7 @@ def full_budget_check(rows, device):
                    f"(relative) of the full-cache forward; tolerance {tol:.0e}: {verdict}")
 
 
-def report(rows, context, paths, env, header, smoke):
+def report(rows, context, paths, env, header, preset):
     """Prints and writes the table, the CSV and the plot; returns the markdown table."""
     full = rows[0]
     table_rows = []
@@ -156,11 +157,11 @@ def report(rows, context, paths, env, header, smoke):
                "nll", "seconds"]
     paper_results.write_csv(paths["csv"], columns, [{**r, "context": context} for r in rows],
                             env)
-    _plot(rows, context, paths["png"], env, smoke)
+    _plot(rows, context, paths["png"], env, preset)
     return table
 
 
-def _plot(rows, context, path, env, smoke):
+def _plot(rows, context, path, env, preset):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,20 +177,21 @@ def _plot(rows, context, path, env, smoke):
     ax.set_xlabel(f"KV budget (% of L={context})")
     ax.set_ylabel("streaming perplexity (bytes)")
     ax.legend()
-    paper_results.save_figure(fig, path, env, smoke)
+    paper_results.save_figure(fig, path, env, preset)
 
 
 def main(argv=None):
     parser = pretrain.argument_parser(__doc__, results=True)
     parser.add_argument("--docs", type=int, default=None,
-                        help=f"validation windows of L bytes (default {GPU_DOCS}, smoke "
-                             f"{SMOKE_DOCS})")
+                        help="validation windows of L bytes (default by preset: "
+                             + ", ".join(f"{k} {v[0]}" for k, v in DOCS.items()) + ")")
     parser.add_argument("--batch", type=int, default=None,
-                        help=f"windows streamed together (default {GPU_BATCH}, smoke "
-                             f"{SMOKE_BATCH})")
+                        help="windows streamed together (default by preset: "
+                             + ", ".join(f"{k} {v[1]}" for k, v in DOCS.items()) + ")")
     args = parser.parse_args(argv)
-    docs = args.docs or (SMOKE_DOCS if args.smoke else GPU_DOCS)
-    batch = args.batch or (SMOKE_BATCH if args.smoke else GPU_BATCH)
+    default_docs, default_batch = DOCS[args.preset]
+    docs = default_docs if args.docs is None else args.docs
+    batch = default_batch if args.batch is None else args.batch
     if docs < 1 or batch < 1:
         parser.error(f"--docs and --batch must be >= 1, got {docs}, {batch}")
     exp = pretrain.start_experiment(args)
@@ -203,9 +205,9 @@ def main(argv=None):
         f"time, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; policies at each "
         f"budget b: h2o = b/2 heavy + b/2 recent; h2o+sinks = {SINKS} sinks + (b-{SINKS})/2 "
         f"heavy + rest recent; streamingllm = {SINKS} sinks + b-{SINKS} recent; recent = b "
-        f"recent", args.smoke) + [check]
-    report(rows, size.context, paper_results.output_paths(args.results_dir, NAME, args.smoke),
-           env, header, args.smoke)
+        f"recent") + [check]
+    report(rows, size.context, paper_results.output_paths(args.results_dir, NAME, args.preset),
+           env, header, args.preset)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Each run writes ``<results dir>/<name>.csv`` (one row per measured configuration, every row
 carrying the device, versions, git sha, corpus and timestamp), ``<name>.md`` (the environment
-and the tables as printed) and ``<name>.png``. A ``--smoke`` run writes ``<name>_smoke.*``
-instead, so smoke numbers are never mistaken for results. Files are rewritten by each run.
+and the tables as printed) and ``<name>.png``. The ``--preset cpu`` and ``--smoke`` runs
+write ``<name>_cpu.*`` and ``<name>_smoke.*`` instead, so that their numbers are never
+mistaken for the GPU experiment's. Files are rewritten by each run.
 """
 import csv
 from pathlib import Path
@@ -11,6 +12,9 @@ from pathlib import Path
 import common
 
 RESULTS_DIR = common.RESULTS_DIR
+# What a result file's setup line and a figure's title add for each preset.
+PRESET_MARKS = {"gpu": "", "cpu": " -- CPU PRESET: a smaller model than the GPU experiment",
+                "smoke": " -- SMOKE RUN: sizes too small to mean anything"}
 ENV_COLUMNS = ["device", "torch", "triton", "transformers", "python", "corpus", "git_sha",
                "timestamp"]
 
@@ -32,9 +36,9 @@ def describe_environment(env):
             f"git sha {env['git_sha']}, corpus {env['corpus']}, run {env['timestamp']}"]
 
 
-def output_paths(results_dir, name, smoke):
-    """``{"csv", "md", "png"}`` paths of the result files of ``name``."""
-    stem = Path(results_dir) / (f"{name}_smoke" if smoke else name)
+def output_paths(results_dir, name, preset):
+    """``{"csv", "md", "png"}`` paths of the result files of ``name`` run with ``preset``."""
+    stem = Path(results_dir) / (name if preset == "gpu" else f"{name}_{preset}")
     return {ext: stem.with_suffix(f".{ext}") for ext in ("csv", "md", "png")}
 
 
@@ -68,12 +72,13 @@ def write_markdown(path, title, lines):
     path.write_text(f"# {title}\n\n" + "\n\n".join(lines) + "\n")
 
 
-def save_figure(fig, path, env, smoke):
-    """Stamps ``fig`` with where it was measured (and SMOKE for a smoke run), saves it to
-    ``path`` as PNG and closes it."""
+def save_figure(fig, path, env, preset):
+    """Stamps ``fig`` with where it was measured (and the preset when it is not the GPU one),
+    saves it to ``path`` as PNG and closes it."""
     import matplotlib.pyplot as plt
 
-    fig.suptitle(("SMOKE RUN, meaningless sizes; " if smoke else "")
+    mark = PRESET_MARKS[preset].removeprefix(" -- ")
+    fig.suptitle((f"{mark}; " if mark else "")
                  + f"{env['device']}, git {env['git_sha']}, {env['timestamp']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

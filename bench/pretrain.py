@@ -1,8 +1,8 @@
 """The small byte-level Llama of the paper experiments, pretrained from scratch, and the
 training / perplexity loops the experiments share.
 
-``python bench/pretrain.py [--smoke]`` pretrains (or finds in the cache) and prints the
-validation-loss curve; ``bench/context_extension.py`` and ``bench/h2o_quality.py`` call
+``python bench/pretrain.py [--preset gpu|cpu|smoke]`` pretrains (or finds in the cache) and
+prints the validation-loss curve; ``bench/context_extension.py`` and ``bench/h2o_quality.py`` call
 ``pretrained_model`` themselves, so running this first is optional.
 
 The model is a ``LlamaForCausalLM`` built from ``LlamaConfig`` (vocabulary 256, GQA, head dim
@@ -71,9 +71,19 @@ GPU_SIZE = ModelSize(hidden=384, intermediate=1024, layers=6, heads=6, kv_heads=
 # 64 windows of 256 bytes = 16k tokens a step; 4000 steps are ~2 passes over the 30 MB corpus.
 GPU_PRETRAIN = PretrainRecipe(batch=64, max_steps=4000, lr=1.5e-3, warmup=200, eval_every=250,
                               eval_windows=128, min_delta=0.01, patience=3, time_limit_s=180)
+# The CPU preset, for a 2-core machine in about an hour for all three scripts: ~0.85M
+# parameters (4 layers, hidden 128, 4 query heads of dim 32 over 2 kv heads), L = 128,
+# 32 windows of 128 bytes = 4k tokens a step (~0.27 s a step on 2 cores).
+CPU_SIZE = ModelSize(hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2, context=128)
+CPU_PRETRAIN = PretrainRecipe(batch=32, max_steps=4000, lr=2e-3, warmup=100, eval_every=200,
+                              eval_windows=64, min_delta=0.01, patience=3, time_limit_s=1500)
 SMOKE_SIZE = ModelSize(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1, context=64)
 SMOKE_PRETRAIN = PretrainRecipe(batch=8, max_steps=30, lr=3e-3, warmup=5, eval_every=10,
                                 eval_windows=8, min_delta=0.01, patience=3, time_limit_s=60)
+# --preset -> (ModelSize, PretrainRecipe). "gpu" is the experiment; "cpu" a smaller one whose
+# results are written apart (*_cpu files); "smoke" only checks the scripts (*_smoke files).
+PRESETS = {"gpu": (GPU_SIZE, GPU_PRETRAIN), "cpu": (CPU_SIZE, CPU_PRETRAIN),
+           "smoke": (SMOKE_SIZE, SMOKE_PRETRAIN)}
 
 
 def model_config(size):
@@ -262,9 +272,14 @@ def argument_parser(doc, results=False):
     description, _, epilog = doc.partition("\n\n")
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny model, few steps, short context: checks the whole script on "
-                             "CPU in under 2 minutes; results go to *_smoke files")
+    parser.add_argument("--preset", choices=list(PRESETS), default="gpu",
+                        help="sizes of model, data and training: gpu (default; the "
+                             "experiment, minutes on one GPU), cpu (a smaller model, about an "
+                             "hour for all three scripts on 2 CPU cores; *_cpu result files), "
+                             "smoke (checks the script; *_smoke files)")
+    parser.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
+                        help="same as --preset smoke: tiny model, few steps, short context, "
+                             "the whole script on CPU in under 2 minutes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
@@ -278,24 +293,20 @@ def argument_parser(doc, results=False):
     return parser
 
 
-def presets(smoke):
-    """``(ModelSize, PretrainRecipe)`` of the smoke or the GPU configuration."""
-    return (SMOKE_SIZE, SMOKE_PRETRAIN) if smoke else (GPU_SIZE, GPU_PRETRAIN)
-
-
-def setup_run(name, smoke):
+def setup_run(name, preset):
     """The ``torch.device`` named ``name``, after the process-wide settings of a run: one
     intra-op thread for a smoke run on the CPU, no weight-loading progress bars (each arm
-    loads the checkpoint again). Warns when the full configuration runs on a CPU."""
+    loads the checkpoint again). Warns when the GPU preset runs on a CPU."""
     transformers.utils.logging.disable_progress_bar()
     device = torch.device(name)
-    if device.type == "cpu" and smoke:
+    if device.type == "cpu" and preset == "smoke":
         # The smoke model's matrices are too small to gain from threads, and on a shared
         # machine intra-op threads that wait on each other make it tens of times slower.
         torch.set_num_threads(1)
-    if device.type == "cpu" and not smoke:
-        print("warning: the default sizes are meant for a GPU; on a CPU they take hours "
-              "(use --smoke for a quick check)", file=sys.stderr, flush=True)
+    if device.type == "cpu" and preset == "gpu":
+        print("warning: the gpu preset is meant for a GPU; on a CPU it takes hours "
+              "(--preset cpu: a smaller model; --smoke: a quick check)", file=sys.stderr,
+              flush=True)
     return device
 
 
@@ -311,26 +322,28 @@ class Experiment:
     checkpoint: Path
     info: dict
 
-    def header(self, setup, smoke):
+    preset: str
+
+    def header(self, setup):
         """The lines a result file starts with: environment, corpus, model, then ``setup``
-        (what the script ran), marked when it was a smoke run."""
+        (what the script ran), marked with the preset when it is not the GPU one."""
         return paper_results.describe_environment(self.env) + [
             self.corpus.describe(), describe_pretraining(self.info),
-            setup + (" -- SMOKE RUN: sizes too small to mean anything" if smoke else "")]
+            setup + paper_results.PRESET_MARKS[self.preset]]
 
 
 def start_experiment(args):
     """The shared opening of a script parsed by ``argument_parser``: sets up the run, loads the
     corpus, prints the environment and gets the pretrained model (cached or trained)."""
-    device = setup_run(args.device, args.smoke)
+    device = setup_run(args.device, args.preset)
     corpus = corpus_mod.load_corpus()
     env = paper_results.run_environment(device, corpus)
     print("\n".join(paper_results.describe_environment(env)), flush=True)
     print(corpus.describe(), flush=True)
-    size, recipe = presets(args.smoke)
+    size, recipe = PRESETS[args.preset]
     model, path, info = pretrained_model(size, recipe, corpus, device, args.cache_dir,
                                          force=args.force_pretrain)
-    return Experiment(device, corpus, env, size, model, path, info)
+    return Experiment(device, corpus, env, size, model, path, info, args.preset)
 
 
 def main(argv=None):

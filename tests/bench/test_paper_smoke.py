@@ -16,8 +16,11 @@ import torch
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import context_extension  # noqa: E402
 import corpus  # noqa: E402
 import h2o_quality  # noqa: E402
+import paper_results  # noqa: E402
+import pretrain  # noqa: E402
 
 ARMS = ["full", "s2", "s2+sinks", "sf-no-sinks", "sf"]
 
@@ -87,6 +90,25 @@ def test_budget_split():
         h2o_quality.budget_split("streamingllm", 4)
     with pytest.raises(ValueError, match="policy"):
         h2o_quality.budget_split("lru", 10)
+
+
+def test_presets():
+    """Every preset is complete in every script, valid, and writes files of its own."""
+    names = set(pretrain.PRESETS)
+    assert names == set(context_extension.EXTENSIONS) == set(h2o_quality.DOCS) \
+        == set(paper_results.PRESET_MARKS) == {"gpu", "cpu", "smoke"}
+    parser = pretrain.argument_parser(pretrain.__doc__)
+    assert parser.parse_args([]).preset == "gpu"
+    assert parser.parse_args(["--smoke"]).preset == "smoke"
+    assert parser.parse_args(["--preset", "cpu"]).preset == "cpu"
+    stems = {paper_results.output_paths("r", "x", p)["csv"].name for p in names}
+    assert stems == {"x.csv", "x_cpu.csv", "x_smoke.csv"}
+    for size, _ in pretrain.PRESETS.values():
+        config = pretrain.model_config(size)
+        assert config.head_dim >= 32 and config.num_key_value_heads < config.num_attention_heads
+    # The extension's group size (4L / 4 = L) must be a valid SF-Attn group.
+    for name, recipe in context_extension.EXTENSIONS.items():
+        assert recipe.factor == 4 and pretrain.PRESETS[name][0].context % 2 == 0
 
 
 def _run(script, tmp_path, *extra):
