@@ -18,14 +18,15 @@ positions inside its cache; with documents no longer than ``L`` every position h
 model was trained on). The ``full cache`` row is the same windows through one ordinary forward;
 at 100 % every policy must equal it, which the run checks. After each configuration the run also
 checks that every layer stores exactly ``min(b, tokens seen)`` entries including the sinks and
-the recent window. Results: ``<results dir>/h2o_quality{,_cpu,_smoke}.{md,csv,png}`` (by
+the recent window. Perplexity is given over all predicted tokens and, since the first ``b`` are
+predicted before anything is evicted, also over the tokens after the first eviction only,
+next to the full cache's on the same tokens. Results: ``<results dir>/h2o_quality{,_cpu,_smoke}.{md,csv,png}`` (by
 ``--preset``).
 """
 import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 import corpus as corpus_mod
 import paper_results
@@ -75,11 +76,12 @@ def _check_kept(cache, seen):
 
 
 @torch.no_grad()
-def streaming_nll(model, windows, batch_size, split, device):
-    """Mean next-token NLL of ``windows`` ``[count, N]`` streamed through an ``H2OCache`` with
-    ``split = (heavy_budget, recent_budget, num_sink)``."""
+def streaming_position_nll(model, windows, batch_size, split, device):
+    """As ``pretrain.position_nll`` (per predicted position, summed over the windows), with
+    the windows streamed through an ``H2OCache`` of ``split = (heavy_budget, recent_budget,
+    num_sink)``."""
     budget = sum(split)
-    total, count = 0.0, 0
+    sums = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
     model.eval()
     for chunk in windows.split(batch_size):
         chunk = chunk.to(device)
@@ -89,40 +91,63 @@ def streaming_nll(model, windows, batch_size, split, device):
         prefix = min(budget, length)
         with pretrain.autocast(device):
             logits = model(input_ids=chunk[:, :prefix], past_key_values=cache,
-                           use_cache=True).logits.float()
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:prefix].flatten(),
-                                 reduction="sum").item()
-        last = logits[:, -1]
+                           use_cache=True).logits
+        sums[:prefix - 1] += pretrain.token_nll(logits[:, :-1], chunk[:, 1:prefix])
+        last = logits[:, -1:]
         for t in range(prefix, length):
-            total += F.cross_entropy(last, chunk[:, t], reduction="sum").item()
+            sums[t - 1:t] += pretrain.token_nll(last, chunk[:, t:t + 1])
             if t + 1 < length:
                 with pretrain.autocast(device):
                     last = model(input_ids=chunk[:, t:t + 1], past_key_values=cache,
-                                 use_cache=True).logits[:, -1].float()
-        count += chunk[:, 1:].numel()
+                                 use_cache=True).logits[:, -1:]
         _check_kept(cache, length - 1 if prefix < length else length)
-    return total / count
+    return sums
+
+
+def _mean_nll(sums, count, start=0):
+    """Mean NLL of the positions ``start..`` of ``sums`` (over ``count`` windows); None when
+    there are none."""
+    part = sums[start:]
+    return float(part.sum()) / (count * part.numel()) if part.numel() else None
+
+
+def _exp(nll):
+    return None if nll is None else math.exp(nll)
 
 
 def measure(model, windows, batch_size, context, device):
-    """Rows ``{"policy", "budget_pct", "budget", "heavy", "recent", "sinks", "nll", "ppl",
-    "seconds"}`` for every policy and budget, plus the ``full cache`` row."""
-    full = pretrain.mean_nll(model, windows, batch_size, device)
-    rows = [{"policy": "full cache", "budget_pct": 100, "budget": context, "nll": full,
-             "ppl": math.exp(full)}]
+    """Rows for every policy and budget, plus the ``full cache`` row: ``nll``/``ppl`` over all
+    predicted tokens, and ``nll_after_eviction``/``ppl_after_eviction`` over the tokens
+    predicted once the cache has evicted (tokens ``budget + 1 .. L - 1``; the first
+    ``budget`` are predicted from a cache that still holds everything) next to the full
+    cache's on the same tokens (``full_nll_after_eviction``/``full_ppl_after_eviction``)."""
+    count = windows.shape[0]
+    full = pretrain.position_nll(model, windows, batch_size, device)
+    full_nll = _mean_nll(full, count)
+    rows = [{"policy": "full cache", "budget_pct": 100, "budget": context, "nll": full_nll,
+             "ppl": math.exp(full_nll)}]
     print(f"full cache: ppl {rows[0]['ppl']:.4f}", flush=True)
     for pct in BUDGET_PERCENTS:
         budget = max(1, round(context * pct / 100))
+        full_after = _mean_nll(full, count, budget)
         for policy in POLICIES:
             split = budget_split(policy, budget)
             start = time.perf_counter()
-            nll = streaming_nll(model, windows, batch_size, split, device)
+            sums = streaming_position_nll(model, windows, batch_size, split, device)
+            nll, after = _mean_nll(sums, count), _mean_nll(sums, count, budget)
             rows.append({"policy": policy, "budget_pct": pct, "budget": budget,
                          "heavy": split[0], "recent": split[1], "sinks": split[2], "nll": nll,
-                         "ppl": math.exp(nll), "seconds": round(time.perf_counter() - start, 1)})
+                         "ppl": math.exp(nll), "nll_after_eviction": after,
+                         "ppl_after_eviction": _exp(after),
+                         "full_nll_after_eviction": full_after,
+                         "full_ppl_after_eviction": _exp(full_after),
+                         "seconds": round(time.perf_counter() - start, 1)})
+            after_text = ("" if after is None else
+                          f", after eviction {math.exp(after):.4f} (full cache "
+                          f"{math.exp(full_after):.4f})")
             print(f"{policy:>13} budget {pct:3d}% ({budget:4d} tokens, heavy {split[0]}, "
-                  f"recent {split[1]}, sinks {split[2]}): ppl {rows[-1]['ppl']:.4f} "
-                  f"({rows[-1]['seconds']} s)", flush=True)
+                  f"recent {split[1]}, sinks {split[2]}): ppl {rows[-1]['ppl']:.4f}"
+                  f"{after_text} ({rows[-1]['seconds']} s)", flush=True)
     return rows
 
 
@@ -137,28 +162,43 @@ def full_budget_check(rows, device):
                    f"(relative) of the full-cache forward; tolerance {tol:.0e}: {verdict}")
 
 
+def _cell(ppl, reference):
+    return f"{ppl:.3f} ({(ppl / reference - 1) * 100:+.1f}%)"
+
+
 def report(rows, context, paths, env, header, preset):
-    """Prints and writes the table, the CSV and the plot; returns the markdown table."""
+    """Prints and writes the tables, the CSV and the plot; returns the markdown tables."""
     full = rows[0]
-    table_rows = []
+    all_rows, after_rows = [], []
     for pct in BUDGET_PERCENTS:
         cells = {r["policy"]: r for r in rows[1:] if r["budget_pct"] == pct}
-        budget = next(iter(cells.values()))["budget"]
-        table_rows.append([f"{pct}% ({budget})"] + [
-            f"{cells[p]['ppl']:.3f} ({(cells[p]['ppl'] / full['ppl'] - 1) * 100:+.1f}%)"
-            for p in POLICIES])
-    table = paper_results.markdown_table(
-        [f"budget of L={context}"] + [f"{p} ppl (vs full)" for p in POLICIES], table_rows)
-    lines = header + [f"full cache ppl: {full['ppl']:.4f}", table]
-    print("\n" + "\n\n".join(lines[-3:]), flush=True)
+        first = next(iter(cells.values()))
+        label = f"{pct}% ({first['budget']})"
+        all_rows.append([label] + [_cell(cells[p]["ppl"], full["ppl"]) for p in POLICIES])
+        if first["ppl_after_eviction"] is not None:
+            after_rows.append([label, f"{first['full_ppl_after_eviction']:.3f}"] + [
+                _cell(cells[p]["ppl_after_eviction"], first["full_ppl_after_eviction"])
+                for p in POLICIES])
+    tables = [
+        "All predicted tokens (1 .. L-1; those up to the budget see an un-evicted cache):",
+        paper_results.markdown_table(
+            [f"budget of L={context}"] + [f"{p} ppl (vs full)" for p in POLICIES], all_rows),
+        "Only the tokens predicted after the first eviction (budget+1 .. L-1), against the "
+        "full cache on the same tokens:",
+        paper_results.markdown_table(
+            [f"budget of L={context}", "full cache ppl"]
+            + [f"{p} ppl (vs full)" for p in POLICIES], after_rows)]
+    lines = header + [f"full cache ppl: {full['ppl']:.4f}"] + tables
+    print("\n" + "\n\n".join(lines[-5:]), flush=True)
     paper_results.write_markdown(paths["md"], "H2O: streaming perplexity against KV budget",
                                  lines)
     columns = ["policy", "budget_pct", "budget", "heavy", "recent", "sinks", "context", "ppl",
-               "nll", "seconds"]
+               "nll", "ppl_after_eviction", "nll_after_eviction", "full_ppl_after_eviction",
+               "full_nll_after_eviction", "seconds"]
     paper_results.write_csv(paths["csv"], columns, [{**r, "context": context} for r in rows],
                             env)
     _plot(rows, context, paths["png"], env, preset)
-    return table
+    return "\n\n".join(tables)
 
 
 def _plot(rows, context, path, env, preset):
@@ -167,16 +207,24 @@ def _plot(rows, context, path, env, preset):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, (ax_all, ax_after) = plt.subplots(1, 2, figsize=(11, 4.2))
     for policy in POLICIES:
-        pts = sorted((r["budget_pct"], r["ppl"]) for r in rows if r["policy"] == policy)
-        ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=policy)
-    ax.axhline(rows[0]["ppl"], ls="--", color="gray", label="full cache")
-    ax.set_xscale("log")
-    ax.set_xticks(BUDGET_PERCENTS, [f"{p}%" for p in BUDGET_PERCENTS])
-    ax.set_xlabel(f"KV budget (% of L={context})")
-    ax.set_ylabel("streaming perplexity (bytes)")
-    ax.legend()
+        mine = sorted((r["budget_pct"], r) for r in rows if r["policy"] == policy)
+        ax_all.plot([p for p, _ in mine], [r["ppl"] for _, r in mine], marker="o",
+                    label=policy)
+        evicted = [(p, r) for p, r in mine if r["ppl_after_eviction"] is not None]
+        ax_after.plot([p for p, _ in evicted],
+                      [(r["ppl_after_eviction"] / r["full_ppl_after_eviction"] - 1) * 100
+                       for _, r in evicted], marker="o", label=policy)
+    ax_all.axhline(rows[0]["ppl"], ls="--", color="gray", label="full cache")
+    ax_all.set_ylabel("streaming perplexity (bytes), all tokens")
+    ax_after.axhline(0, ls="--", color="gray")
+    ax_after.set_ylabel("ppl after the first eviction, % above full cache")
+    for ax in (ax_all, ax_after):
+        ax.set_xscale("log")
+        ax.set_xticks(BUDGET_PERCENTS, [f"{p}%" for p in BUDGET_PERCENTS])
+        ax.set_xlabel(f"KV budget (% of L={context})")
+        ax.legend()
     paper_results.save_figure(fig, path, env, preset)
 
 

@@ -160,23 +160,34 @@ def train(model, batches, *, steps, lr, warmup, weight_decay, device, on_step=No
     return done, loss_value, tokens / max(time.perf_counter() - start, 1e-9)
 
 
+def token_nll(logits, targets):
+    """NLL of ``targets`` ``[B, T]`` under ``logits`` ``[B, T, V]``, summed over the batch per
+    position: ``[T]`` float64 on the CPU."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return nll.sum(0).double().cpu()
+
+
 @torch.no_grad()
-def mean_nll(model, windows, batch_size, device):
-    """Mean next-token negative log-likelihood (nats) of ``model`` over ``windows``
-    ``[count, N]``, every position but the first predicted, in evaluation mode (full attention
-    for sinklora models)."""
+def position_nll(model, windows, batch_size, device):
+    """Next-token negative log-likelihood (nats) of ``model`` over ``windows`` ``[count, N]``
+    in evaluation mode (full attention for sinklora models), summed over the windows per
+    predicted position: ``[N - 1]``, entry ``i`` for token ``i + 1``."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
     for chunk in windows.split(batch_size):
         chunk = chunk.to(device)
         with autocast(device):
             logits = model(input_ids=chunk, use_cache=False).logits
-        total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), chunk[:, 1:].flatten(),
-                                 reduction="sum").item()
-        count += chunk[:, 1:].numel()
+        sums += token_nll(logits[:, :-1], chunk[:, 1:])
     model.train(was_training)
-    return total / count
+    return sums
+
+
+def mean_nll(model, windows, batch_size, device):
+    """Mean next-token NLL (nats) of ``model`` over ``windows``, every position but the first
+    predicted (``position_nll`` averaged)."""
+    return float(position_nll(model, windows, batch_size, device).mean()) / windows.shape[0]
 
 
 def _cache_key(size, recipe, seed, corpus, device):

@@ -177,6 +177,19 @@ def test_h2o_quality_smoke(smoke_dir):
         else:
             small.append(ppl)
     assert any(abs(p - full) > 1e-4 * full for p in small)  # eviction changes predictions
+    # The tokens up to the budget are predicted from a cache that has evicted nothing, so a
+    # row's total NLL is the full cache's on those tokens plus its own after the first eviction.
+    n = int(rows[0]["context"]) - 1  # predicted tokens per window
+    full_nll = float(rows[0]["nll"])
+    for row in rows[1:]:
+        b = int(row["budget"])
+        if row["ppl_after_eviction"] == "":
+            assert b >= n
+            continue
+        after, full_after = float(row["nll_after_eviction"]), float(row["full_nll_after_eviction"])
+        assert float(row["ppl_after_eviction"]) == pytest.approx(math.exp(after))
+        unevicted = full_nll * n - full_after * (n - b)
+        assert float(row["nll"]) * n == pytest.approx(unevicted + after * (n - b), rel=1e-5)
     md = (results / "h2o_quality_smoke.md").read_text()
     assert ": OK" in md and "SMOKE RUN" in md
     assert (results / "h2o_quality_smoke.png").stat().st_size > 10_000
