@@ -17,7 +17,8 @@ Group size is LongLoRA's ``4L / 4 = L``. Every arm, the un-extended base and the
 interpolated positions but no fine-tuning are then evaluated at ``4L`` with full attention on
 validation windows. Per seed, ``recovery = (ppl_base - ppl_arm) / (ppl_base - ppl_full)``
 with ``ppl_base`` the un-extended base (the issue's definition); ``recovery_vs_pi`` uses the
-interpolated base instead, which is harder to recover from. Mean and sample std over seeds.
+interpolated base instead (which of the two bases is worse depends on the model). Mean and
+sample std over seeds.
 
 Finished runs are kept in the cache directory (``--cache-dir``), keyed by the checkpoint, the
 recipe and the git sha (``BENCH_GIT_SHA`` where there is no ``.git``): a run stopped by
