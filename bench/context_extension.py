@@ -17,8 +17,9 @@ Group size is LongLoRA's ``4L / 4 = L``. Every arm, the un-extended base and the
 interpolated positions but no fine-tuning are then evaluated at ``4L`` with full attention on
 validation windows. Per seed, ``recovery = (ppl_base - ppl_arm) / (ppl_base - ppl_full)``
 with ``ppl_base`` the un-extended base (the issue's definition); ``recovery_vs_pi`` uses the
-interpolated base instead (which of the two bases is worse depends on the model). Mean and
-sample std over seeds.
+interpolated base instead (which of the two bases is worse depends on the model);
+``above_full = ppl_arm - ppl_full`` is the gap each arm leaves, which stays informative when the
+base is so poor that every arm recovers nearly all of it. Mean and sample std over seeds.
 
 Finished runs are kept in the cache directory (``--cache-dir``), keyed by the checkpoint, the
 recipe and the git sha (``BENCH_GIT_SHA`` where there is no ``.git``): a run stopped by
@@ -157,6 +158,8 @@ def summarize(log, arms, seeds):
             if run is None:
                 continue
             row = dict(run)
+            if full is not None:
+                row["above_full"] = run["ppl"] - full["ppl"]
             for key, ref in (("recovery", base), ("recovery_vs_pi", pi)):
                 if full is not None and ref is not None and ref["ppl"] != full["ppl"]:
                     row[key] = (ref["ppl"] - run["ppl"]) / (ref["ppl"] - full["ppl"])
@@ -181,16 +184,18 @@ def report(log, arms, seeds, ctx, paths, env, header, preset):
         settings, paper_ppl, paper_rec = ARMS[arm]
         rows.append([arm, "full" if settings is None else
                      f"{settings['mode']}, {settings['num_sink']} sinks",
-                     _fmt(ppls, 3), _fmt([r.get("recovery") for r in runs], 1, 100),
+                     _fmt(ppls, 3), _fmt([r.get("above_full") for r in runs], 3),
+                     _fmt([r.get("recovery") for r in runs], 1, 100),
                      _fmt([r.get("recovery_vs_pi") for r in runs], 1, 100), len(runs),
                      "" if paper_ppl is None else f"{paper_ppl}",
                      "" if paper_rec is None else f"{paper_rec:.0%}"])
     for name, run, what in (("base", base, "none (positions beyond L)"),
                             ("base+pi", pi, "none (interpolated positions)")):
         rows.append([name, what, "n/a" if run is None else f"{run['ppl']:.3f}", "", "", "", "",
-                     ""])
+                     "", ""])
     table = paper_results.markdown_table(
-        ["arm", "training attention", f"ppl at {ctx['target']}", "recovery %",
+        ["arm", "training attention", f"ppl at {ctx['target']}", "ppl above full (same seed)",
+         "recovery %",
          "recovery vs base+pi %", "seeds", "paper ppl (PG19, Llama2-7B)", "paper recovery"],
         rows)
     missing = [(a, s) for s in seeds for a in arms if log.get(a, s) is None]
@@ -202,8 +207,8 @@ def report(log, arms, seeds, ctx, paths, env, header, preset):
     print("\n" + "\n\n".join(lines[-2:]), flush=True)
     paper_results.write_markdown(paths["md"], "Context extension: recovery of full fine-tuning",
                                  lines)
-    columns = ["arm", "mode", "num_sink", "seed", "context", "target", "ppl", "nll", "recovery",
-               "recovery_vs_pi", "steps", "train_loss", "train_seconds", "tokens_per_s"]
+    columns = ["arm", "mode", "num_sink", "seed", "context", "target", "ppl", "nll",
+               "above_full", "recovery", "recovery_vs_pi", "steps", "train_loss", "train_seconds", "tokens_per_s"]
     csv_rows = []
     for run in [r for r in (base, pi) if r is not None] + per_seed:
         settings = ARMS.get(run["arm"], (None,))[0]

@@ -145,6 +145,8 @@ def test_context_extension_smoke(smoke_dir):
         expected = ((float(rows["base"]["ppl"]) - float(rows[arm]["ppl"]))
                     / (float(rows["base"]["ppl"]) - float(rows["full"]["ppl"])))
         assert float(rows[arm]["recovery"]) == pytest.approx(expected, rel=1e-3, abs=1e-3)
+        assert float(rows[arm]["above_full"]) == pytest.approx(
+            float(rows[arm]["ppl"]) - float(rows["full"]["ppl"]), rel=1e-9, abs=1e-12)
     assert (rows["s2"]["mode"], rows["s2"]["num_sink"]) == ("s2", "0")
     assert (rows["sf"]["mode"], rows["sf"]["num_sink"]) == ("sf", "4")
     # Training attention differs per arm, so the fine-tuned models differ.
