@@ -220,6 +220,15 @@ def report(log, arms, seeds, ctx, paths, env, header, preset):
     return table
 
 
+def _bars(ax, arms, values, color, title):
+    """Mean ± sample std of ``values[i]`` (a list per arm) as bars; arms without values get
+    none."""
+    stats = [paper_results.mean_std(v) if v else (0.0, None) for v in values]
+    ax.bar(arms, [m for m, _ in stats], yerr=[s or 0 for _, s in stats], capsize=4, color=color)
+    ax.set_title(title, fontsize=10)
+    return stats
+
+
 def _plot(summary, base, pi, ctx, path, env, preset):
     import matplotlib
 
@@ -229,25 +238,20 @@ def _plot(summary, base, pi, ctx, path, env, preset):
     arms = [a for a, runs in summary.items() if runs]
     if not arms:
         return
-    fig, (ax_ppl, ax_rec) = plt.subplots(1, 2, figsize=(11, 4))
-    stats = [paper_results.mean_std([r["ppl"] for r in summary[a]]) for a in arms]
-    ax_ppl.bar(arms, [m for m, _ in stats], yerr=[s or 0 for _, s in stats], capsize=4,
-               color="tab:blue")
-    if pi is not None:
-        ax_ppl.axhline(pi["ppl"], ls="--", color="gray", label=f"base+pi {pi['ppl']:.2f}")
-        ax_ppl.legend()
-    lowest = min(m - (s or 0) for m, s in stats)
-    ax_ppl.set_ylim(bottom=lowest * 0.97)
-    title = f"ppl at {ctx['target']} (L={ctx['context']})"
-    if base is not None:
-        title += f"; un-extended base {base['ppl']:.2f}"
-    ax_ppl.set_title(title)
-    recs = [[r["recovery"] * 100 for r in summary[a] if r.get("recovery") is not None]
-            for a in arms]
-    rec_stats = [paper_results.mean_std(v) if v else (0.0, None) for v in recs]
-    ax_rec.bar(arms, [m for m, _ in rec_stats], yerr=[s or 0 for _, s in rec_stats], capsize=4,
-               color="tab:green")
-    ax_rec.set_title("recovery of full fine-tuning's gain, %")
+    fig, (ax_ppl, ax_gap, ax_rec) = plt.subplots(1, 3, figsize=(15, 4))
+    bases = ", ".join(f"{name} {run['ppl']:.2f}" for name, run in (("base", base),
+                                                                   ("base+pi", pi)) if run)
+    stats = _bars(ax_ppl, arms, [[r["ppl"] for r in summary[a]] for a in arms], "tab:blue",
+                  f"ppl at {ctx['target']} (L={ctx['context']})"
+                  + (f"; not fine-tuned: {bases}" if bases else ""))
+    ax_ppl.set_ylim(min(m - (s or 0) for m, s in stats) * 0.97,
+                    max(m + (s or 0) for m, s in stats) * 1.03)
+    _bars(ax_gap, arms, [[r["above_full"] for r in summary[a] if "above_full" in r]
+                         for a in arms], "tab:orange", "ppl above full fine-tuning (same seed)")
+    _bars(ax_rec, arms, [[r["recovery"] * 100 for r in summary[a] if "recovery" in r]
+                         for a in arms], "tab:green", "recovery of full fine-tuning's gain, %")
+    for ax in (ax_ppl, ax_gap, ax_rec):
+        ax.tick_params(axis="x", labelsize=8)
     paper_results.save_figure(fig, path, env, preset)
 
 
