@@ -208,7 +208,8 @@ def report(log, arms, seeds, ctx, paths, env, header, preset):
     paper_results.write_markdown(paths["md"], "Context extension: recovery of full fine-tuning",
                                  lines)
     columns = ["arm", "mode", "num_sink", "seed", "context", "target", "ppl", "nll",
-               "above_full", "recovery", "recovery_vs_pi", "steps", "train_loss", "train_seconds", "tokens_per_s"]
+               "above_full", "recovery", "recovery_vs_pi", "steps", "train_loss",
+               "train_seconds", "tokens_per_s"]
     csv_rows = []
     for run in [r for r in (base, pi) if r is not None] + per_seed:
         settings = ARMS.get(run["arm"], (None,))[0]

@@ -20,8 +20,8 @@ at 100 % every policy must equal it, which the run checks. After each configurat
 checks that every layer stores exactly ``min(b, tokens seen)`` entries including the sinks and
 the recent window. Perplexity is given over all predicted tokens and, since the first ``b`` are
 predicted before anything is evicted, also over the tokens after the first eviction only,
-next to the full cache's on the same tokens. Results: ``<results dir>/h2o_quality{,_cpu,_smoke}.{md,csv,png}`` (by
-``--preset``).
+next to the full cache's on the same tokens.
+Results: ``<results dir>/h2o_quality{,_cpu,_smoke}.{md,csv,png}`` (by ``--preset``).
 """
 import math
 import time
