@@ -81,7 +81,7 @@ def streaming_position_nll(model, windows, batch_size, split, device):
     the windows streamed through an ``H2OCache`` of ``split = (heavy_budget, recent_budget,
     num_sink)``."""
     budget = sum(split)
-    sums = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
+    sums = torch.zeros(windows.shape[1] - 1, dtype=torch.float64, device=device)
     model.eval()
     for chunk in windows.split(batch_size):
         chunk = chunk.to(device)
@@ -104,13 +104,6 @@ def streaming_position_nll(model, windows, batch_size, split, device):
     return sums
 
 
-def _mean_nll(sums, count, start=0):
-    """Mean NLL of the positions ``start..`` of ``sums`` (over ``count`` windows); None when
-    there are none."""
-    part = sums[start:]
-    return float(part.sum()) / (count * part.numel()) if part.numel() else None
-
-
 def _exp(nll):
     return None if nll is None else math.exp(nll)
 
@@ -123,18 +116,19 @@ def measure(model, windows, batch_size, context, device):
     cache's on the same tokens (``full_nll_after_eviction``/``full_ppl_after_eviction``)."""
     count = windows.shape[0]
     full = pretrain.position_nll(model, windows, batch_size, device)
-    full_nll = _mean_nll(full, count)
+    full_nll = pretrain.average_nll(full, count)
     rows = [{"policy": "full cache", "budget_pct": 100, "budget": context, "nll": full_nll,
              "ppl": math.exp(full_nll)}]
     print(f"full cache: ppl {rows[0]['ppl']:.4f}", flush=True)
     for pct in BUDGET_PERCENTS:
         budget = max(1, round(context * pct / 100))
-        full_after = _mean_nll(full, count, budget)
+        full_after = pretrain.average_nll(full, count, budget)
         for policy in POLICIES:
             split = budget_split(policy, budget)
             start = time.perf_counter()
             sums = streaming_position_nll(model, windows, batch_size, split, device)
-            nll, after = _mean_nll(sums, count), _mean_nll(sums, count, budget)
+            nll = pretrain.average_nll(sums, count)
+            after = pretrain.average_nll(sums, count, budget)
             rows.append({"policy": policy, "budget_pct": pct, "budget": budget,
                          "heavy": split[0], "recent": split[1], "sinks": split[2], "nll": nll,
                          "ppl": math.exp(nll), "nll_after_eviction": after,

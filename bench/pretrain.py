@@ -162,19 +162,19 @@ def train(model, batches, *, steps, lr, warmup, weight_decay, device, on_step=No
 
 def token_nll(logits, targets):
     """NLL of ``targets`` ``[B, T]`` under ``logits`` ``[B, T, V]``, summed over the batch per
-    position: ``[T]`` float64 on the CPU."""
+    position: ``[T]`` float64 on the logits' device (no host sync)."""
     nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-    return nll.sum(0).double().cpu()
+    return nll.sum(0).double()
 
 
 @torch.no_grad()
 def position_nll(model, windows, batch_size, device):
     """Next-token negative log-likelihood (nats) of ``model`` over ``windows`` ``[count, N]``
     in evaluation mode (full attention for sinklora models), summed over the windows per
-    predicted position: ``[N - 1]``, entry ``i`` for token ``i + 1``."""
+    predicted position: ``[N - 1]`` float64 on ``device``, entry ``i`` for token ``i + 1``."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
+    sums = torch.zeros(windows.shape[1] - 1, dtype=torch.float64, device=device)
     for chunk in windows.split(batch_size):
         chunk = chunk.to(device)
         with autocast(device):
@@ -184,10 +184,17 @@ def position_nll(model, windows, batch_size, device):
     return sums
 
 
+def average_nll(sums, count, start=0):
+    """Mean NLL per token of the positions ``start..`` of per-position ``sums`` over ``count``
+    windows; None when there are no such positions."""
+    part = sums[start:]
+    return float(part.sum()) / (count * part.numel()) if part.numel() else None
+
+
 def mean_nll(model, windows, batch_size, device):
     """Mean next-token NLL (nats) of ``model`` over ``windows``, every position but the first
-    predicted (``position_nll`` averaged)."""
-    return float(position_nll(model, windows, batch_size, device).mean()) / windows.shape[0]
+    predicted."""
+    return average_nll(position_nll(model, windows, batch_size, device), windows.shape[0])
 
 
 def _cache_key(size, recipe, seed, corpus, device):
