@@ -24,6 +24,8 @@ import torch
 if torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "0"
 
+from sinklora.testing import rel_err  # noqa: E402
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,12 +165,6 @@ def peak_memory_mb(fn, device):
     fn()
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def rel_err(out, ref):
-    """``||out - ref|| / ||ref||`` in float64."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def gate(name, outs, refs, dtype):

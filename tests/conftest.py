@@ -18,12 +18,6 @@ INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16])
 
 
-def rel_err(out, ref):
-    """``||out - ref|| / ||ref||`` in float64; NaN anywhere in ``out`` makes it NaN."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
 @pytest.fixture
 def device():
     return DEVICE

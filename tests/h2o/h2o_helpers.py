@@ -3,11 +3,11 @@ a tiny Llama with sinklora attention, and a recorder of what its attention layer
 import contextlib
 
 import torch
-from conftest import rel_err  # noqa: F401  one definition, re-exported to the tests
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sinklora
 import sinklora.h2o
+from sinklora.testing import rel_err  # noqa: F401  re-exported to the tests
 
 # Relative error ``||out - ref|| / ||ref||`` against float64, per input dtype: fp16 rounds the
 # inputs and the output (~5e-4 each), bf16 keeps 8 bits.

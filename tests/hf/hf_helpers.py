@@ -1,11 +1,11 @@
 """Shared pieces of the glue tests: tiny random decoder models (2 layers, GQA 4:2, hidden 64,
 vocab 256) and the relative error."""
 import torch
-from conftest import rel_err  # noqa: F401  one definition, re-exported to the tests
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
 import sinklora
+from sinklora.testing import rel_err  # noqa: F401  re-exported to the tests
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)

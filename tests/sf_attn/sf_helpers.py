@@ -3,11 +3,11 @@ float64 reference with its gradients."""
 from dataclasses import dataclass
 
 import torch
-from conftest import rel_err  # noqa: F401  one definition, re-exported to the tests
 
 from sinklora import sf_attention
 from sinklora.sf_attn import sf_attention_reference
 from sinklora.sf_attn.params import check_args
+from sinklora.testing import rel_err  # noqa: F401  re-exported to the tests
 
 # Relative error ``||out - ref|| / ||ref||`` against the float64 reference, per input dtype.
 # fp16 keeps ~11 bits, so rounding the inputs' products and the stored output alone is ~5e-4;
