@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, online_softmax_step
+from .common import FMA, LOG2E, dot_precision, online_softmax_step
 
 BLOCK_N = 64
 # Eviction key of an entry that may not leave (protected, or past the chunk), and "no slot".
@@ -256,11 +256,12 @@ def _decode_update(
 
 def _partial_launch(keys, head_dim_p):
     """``num_warps`` and ``num_stages`` of the partial pass: three key/value blocks in flight,
-    two where three would not fit the H100's shared memory (fp32 at D = 256); eight warps for
-    fp32 from D = 128, where four run out of registers (tests/kernels checks both)."""
+    one for fp32 at D = 256, where Triton 3.8 needs 238,080 B of shared memory for two (over
+    the H100's 232,448); eight warps for fp32 from D = 128, where four run out of registers
+    (tests/kernels checks both)."""
     fp32 = keys.element_size() == 4
     return dict(num_warps=8 if fp32 and head_dim_p >= 128 else 4,
-                num_stages=2 if fp32 and head_dim_p >= 256 else 3)
+                num_stages=1 if fp32 and head_dim_p >= 256 else 3)
 
 
 def _num_splits(device, programs, length):
@@ -323,7 +324,7 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
     qk_scale = softmax_scale * LOG2E.value
     grid = (programs, num_splits)
     meta = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim,
-                HEAD_DIM_P=head_dim_p, BLOCK=BLOCK_N, HAS_NEW_REAL=has_new_real)
+                HEAD_DIM_P=head_dim_p, BLOCK=BLOCK_N, HAS_NEW_REAL=has_new_real, **FMA)
     kv_strides = (*key_new.stride(), *value_new.stride(), *keys.stride(), *values.stride(),
                   *positions.stride())
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, online_softmax_step
+from .common import FMA, LOG2E, dot_precision, online_softmax_step
 
 
 def _tiles(dtype, head_dim_p):
@@ -172,7 +172,7 @@ def h2o_prefill_fwd(query, key, value, real, softmax_scale, *, out=None):
     block_q, block_k, num_warps, num_stages = _tiles(query.dtype, head_dim_p)
     meta = dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK_Q=block_q,
                 BLOCK_K=block_k, HAS_PAD=has_pad, QK_PRECISION=dot_precision(query.dtype),
-                num_warps=num_warps, num_stages=num_stages)
+                num_warps=num_warps, num_stages=num_stages, **FMA)
 
     _prefill_attention[(triton.cdiv(seq_len, block_q), batch * num_heads)](
         query, key, value, real_arg, out, lse,

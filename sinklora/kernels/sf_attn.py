@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ..sf_attn.pattern import (group_end, group_start, head_shift, in_group, in_sink, in_wrap,
                                wrap_start)
-from .common import LOG2E, dot_precision, interpreted, online_softmax_step
+from .common import FMA, LOG2E, dot_precision, interpreted, online_softmax_step
 
 DELTA_ROWS = 32  # rows per program of the delta preprocess (o and do tiles, no dots)
 
@@ -425,7 +425,7 @@ _TILES = {
     ("16bit", 128): (Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(128, 32, 8, 3)),
     ("16bit", 256): (Tile(64, 32, 8, 3), Tile(32, 32, 8, 1), Tile(32, 32, 8, 2)),
     ("fp32", 64): (Tile(64, 32, 4, 2), Tile(32, 16, 4, 2), Tile(32, 32, 8, 2)),
-    ("fp32", 128): (Tile(16, 32, 8, 2), Tile(16, 16, 4, 2), Tile(16, 32, 8, 2)),
+    ("fp32", 128): (Tile(16, 32, 8, 2), Tile(16, 16, 4, 1), Tile(16, 32, 8, 2)),
     # Spills at every tile that fits (3xTF32 at D=256); these spill least (ptxas, sm_90).
     ("fp32", 256): (Tile(16, 16, 8, 1), Tile(16, 16, 8, 1), Tile(16, 16, 8, 1)),
 }
@@ -439,9 +439,9 @@ def tiles(head_dim, dtype):
     """``{"fwd": Tile, "dq": Tile, "dkdv": Tile}`` for a head dim and dtype.
 
     Every tile compiles for sm_90 within the H100's shared memory and, except fp32 at D = 256,
-    without register spills (tests/kernels/test_cuda_compile.py checks both with ptxas);
-    ``bench/tune_sf.py`` times candidates on a GPU. The interpreter gets small tiles, which exercise the block-edge logic
-    at test sizes.
+    without register spills, with Triton 3.6 to 3.9 (tests/kernels/test_cuda_compile.py checks
+    both with ptxas); ``bench/tune_sf.py`` times candidates on a GPU. The interpreter gets
+    small tiles, which exercise the block-edge logic at test sizes.
     """
     if interpreted():
         return dict.fromkeys(("fwd", "dq", "dkdv"), Tile(16, 16, 1, 1))
@@ -479,7 +479,7 @@ def sf_attn_forward(q, k, v, group_size, num_sink, shift_heads, is_s2, softmax_s
         n, num_heads, num_heads // k.shape[1], shift_heads, group_size, num_sink, int(is_s2),
         softmax_scale * LOG2E.value,
         HEAD_DIM=head_dim, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_S=_sink_block(num_sink),
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=tile.warps, num_stages=tile.stages,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=tile.warps, num_stages=tile.stages, **FMA,
     )
     return o, lse
 
@@ -498,7 +498,7 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
     delta = new_output((bsz, num_heads, n), torch.float32, q.device)
     _bwd_delta_kernel[(triton.cdiv(n, DELTA_ROWS), bsz * num_heads)](
         o, do, delta, *_strides3(o), *_strides3(do), n, num_heads,
-        HEAD_DIM=head_dim, BLOCK_M=DELTA_ROWS,
+        HEAD_DIM=head_dim, BLOCK_M=DELTA_ROWS, **FMA,
     )
 
     tile = launch["dq"]
@@ -513,7 +513,7 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
         n, num_heads, kv_group, shift_heads, group_size, num_sink, int(is_s2), qk_scale,
         HEAD_DIM=head_dim, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_S=_sink_block(num_sink),
-        DOT_PRECISION=precision, num_warps=tile.warps, num_stages=tile.stages,
+        DOT_PRECISION=precision, num_warps=tile.warps, num_stages=tile.stages, **FMA,
     )
 
     dk = new_output(k.shape, k.dtype, k.device)
@@ -526,7 +526,7 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
         *_strides3(dv),
         n, num_heads, num_kv_heads, kv_group, shift_heads, group_size, int(is_s2), qk_scale,
         HEAD_DIM=head_dim, BLOCK_N=tile.rows, BLOCK_M=tile.cols,
-        DOT_PRECISION=precision, num_warps=tile.warps, num_stages=tile.stages,
+        DOT_PRECISION=precision, num_warps=tile.warps, num_stages=tile.stages, **FMA,
     )
 
     if num_sink > 0:

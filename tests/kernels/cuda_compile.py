@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 from triton._C.libtriton import native_specialize_impl as specialize
 from triton.runtime.jit import JITFunction
 
-OPTION_NAMES = ("num_warps", "num_stages", "num_ctas")
+OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")
 
 launches = []
 

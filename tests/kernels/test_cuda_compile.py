@@ -41,6 +41,12 @@ def test_every_kernel_compiles_for_sm90(compiled):
         assert any(dtype in row["dtypes"] for row in compiled if row["kernel"] in SF_KERNELS)
 
 
+def test_every_launch_asks_for_fused_multiply_adds(compiled):
+    # Triton 3.10 turns FMA contraction off by default; the kernels keep it (kernels/common.py).
+    without = {r["kernel"] for r in compiled if r["options"].get("enable_fp_fusion") is not True}
+    assert not without, f"launches without enable_fp_fusion=True: {sorted(without)}"
+
+
 def test_shared_memory_fits_an_h100(compiled):
     too_big = [(r["kernel"], r["dtypes"], r["shared"]) for r in compiled
                if r["shared"] > H100_SHARED_BYTES]
