@@ -27,7 +27,9 @@ H2O_KERNELS = {"_prefill_attention", "_prefill_column_sums", "_decode_partial", 
 def compiled():
     script = Path(__file__).with_name("cuda_compile.py")
     root = Path(__file__).parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
+    # The tree first; a PYTHONPATH already set (e.g. another Triton to check) stays after it.
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=path)
     run = subprocess.run([sys.executable, str(script), "90", *CASES], env=env, cwd=root,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
