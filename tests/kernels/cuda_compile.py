@@ -8,7 +8,7 @@ and not looked at), then each recorded launch is compiled with ``triton.compile`
 target, from the launch's own arguments and meta-parameters, specialized as the JIT would on
 a GPU. Registers and spills come from the log of the ptxas run Triton itself makes (with the
 flags this Triton version passes), so every kernel is compiled afresh, never taken from the
-cache. Prints one JSON line per kernel.
+cache; the counts of matrix instructions from the PTX. Prints one JSON line per kernel.
 """
 import contextlib
 import io
@@ -78,9 +78,12 @@ def compile_launches(target):
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                       options=options)
         registers, spills = ptxas_usage(log.getvalue())
+        ptx = compiled.asm["ptx"]
         results.append({"kernel": fn.__name__, "triton": triton.__version__,
                         "shared": compiled.metadata.shared,
                         "registers": registers, "spill_bytes": spills,
+                        # Matrix instructions: Hopper's wgmma, or the older mma.sync.
+                        "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
                         "options": options,
                         "dtypes": sorted({t for t in signature.values() if t.startswith("*")}),
                         "constexprs": {k: repr(v) for k, v in constexprs.items()}})

@@ -74,6 +74,24 @@ def test_no_register_spills(compiled):
     assert not spilled, f"kernels that spill registers (kernel, dtypes, D, regs, bytes): {spilled}"
 
 
+# The kernels whose inner loops are tile-by-tile matrix products (attention over key blocks).
+# The decode step multiplies a handful of query rows and is memory-bound: not among them.
+TILE_MATMUL_KERNELS = SF_KERNELS - {"_bwd_delta_kernel"} | {"_prefill_attention",
+                                                             "_prefill_column_sums"}
+
+
+def test_16bit_attention_runs_on_hopper_tensor_core_instructions(compiled):
+    # On sm_90 Triton turns a dot into wgmma only when the tile allows it (64+ rows per
+    # warpgroup); otherwise it falls back to mma.sync, the older and slower path. With 16-bit
+    # inputs at D <= 128 every attention kernel's loops must get wgmma. (The dq kernel's sink
+    # block, 16 rows, and tiles at D = 256, 32 rows, use mma.sync.)
+    slow = [(r["kernel"], r["dtypes"], r["constexprs"]["HEAD_DIM"]) for r in compiled
+            if r["kernel"] in TILE_MATMUL_KERNELS and r["wgmma"] == 0
+            and ("*fp16" in r["dtypes"] or "*bf16" in r["dtypes"])
+            and int(r["constexprs"]["HEAD_DIM"]) <= 128]
+    assert not slow, f"16-bit attention kernels without wgmma: {slow}"
+
+
 def test_decode_merges_several_splits(compiled):
     # The cross-program merge (atomic ticket, last program evicts) is compiled, not only the
     # single-split path.
