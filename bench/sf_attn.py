@@ -145,15 +145,9 @@ def make_flex(shape, device, q, k, v, do):
         return plain.visible(q_idx, kv_idx, g, head_shift, s, plain.wrap_start(head_shift, n, 0), n)
 
     compiled = device.type == "cuda"
-    t0 = time.perf_counter()
-    # Compiled mask creation never materializes the [Hq, N, N] mask (32 GB at N = 32k).
-    block_mask = create_block_mask(mask_mod, None, shape.Hq, n, n, device=device, _compile=compiled)
-    common.synchronize(device)
-    note = f"block mask {time.perf_counter() - t0:.1f}s"
-    gqa = shape.Hq != shape.Hkv
     if compiled:
-        # Every shape compiles anew; past dynamo's recompile limit (8 by default) it would
-        # silently fall back to eager FlexAttention, which materializes N x N scores.
+        # Every shape compiles the mask and the attention anew; past dynamo's recompile limit
+        # (8 by default) it would silently fall back to eager, which materializes N x N.
         from torch import _dynamo
 
         config = _dynamo.config
@@ -162,6 +156,15 @@ def make_flex(shape, device, q, k, v, do):
                 setattr(config, limit, max(64, getattr(config, limit)))
         if hasattr(config, "fail_on_recompile_limit_hit"):
             config.fail_on_recompile_limit_hit = True
+    t0 = time.perf_counter()
+    # Compiled mask creation never materializes the [Hq, N, N] mask (32 GB at N = 32k).
+    # (torch.compile of the function, as torch >= 2.11 asks instead of its _compile flag.)
+    make_mask = torch.compile(create_block_mask) if compiled else create_block_mask
+    block_mask = make_mask(mask_mod, None, shape.Hq, n, n, device=device)
+    common.synchronize(device)
+    note = f"block mask {time.perf_counter() - t0:.1f}s"
+    gqa = shape.Hq != shape.Hkv
+    if compiled:
         attn = torch.compile(flex_attention, dynamic=False, fullgraph=True)
         return (lambda q, k, v: attn(q, k, v, block_mask=block_mask, enable_gqa=gqa), pattern, note)
     # FlexAttention refuses inputs that require grad on CPU: it has no CPU backward. Its
