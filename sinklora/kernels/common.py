@@ -15,6 +15,18 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FMA = dict(enable_fp_fusion=True)
 
 
+def cdiv(a, b):
+    """``ceil(a / b)`` for ints. ``triton.cdiv`` goes through Triton's constexpr wrapper, a few
+    microseconds a call: too slow for the host side of a decode step, which runs per token and
+    layer."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``), without Triton's wrapper."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def interpreted():
     """Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

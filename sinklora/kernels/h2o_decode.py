@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FMA, LOG2E, dot_precision, online_softmax_step
+from .common import FMA, LOG2E, cdiv, dot_precision, next_power_of_2, online_softmax_step
 
 BLOCK_N = 64
 # Eviction key of an entry that may not leave (protected, or past the chunk), and "no slot".
@@ -266,12 +266,12 @@ def _partial_launch(keys, head_dim_p):
 
 def _num_splits(device, programs, length):
     """Chunks per (sequence, kv head): about two programs per SM, at least a block each."""
-    blocks = triton.cdiv(length + 1, BLOCK_N)
+    blocks = cdiv(length + 1, BLOCK_N)
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4  # the interpreter: a few chunks, so the merge path always runs
-    return max(1, min(blocks, triton.cdiv(target, programs)))
+    return max(1, min(blocks, cdiv(target, programs)))
 
 
 def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, next_position,
@@ -300,10 +300,10 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
     programs = batch * num_kv_heads
     if num_splits is None:
         num_splits = _num_splits(query.device, programs, length)
-    chunk = triton.cdiv(triton.cdiv(max(length, 1), num_splits), BLOCK_N) * BLOCK_N
-    num_splits = max(1, triton.cdiv(length, chunk))
-    group_p = max(16, triton.next_power_of_2(group))
-    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    chunk = cdiv(cdiv(max(length, 1), num_splits), BLOCK_N) * BLOCK_N
+    num_splits = max(1, cdiv(length, chunk))
+    group_p = max(16, next_power_of_2(group))
+    head_dim_p = max(16, next_power_of_2(head_dim))
 
     # Scratch in two allocations (the host side of a decode step is as long as the GPU side).
     sizes = (programs * group * (length + 1), programs * num_splits * group_p,
@@ -340,6 +340,6 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
         logits, part_m, part_l, part_o, cand_key, cand_slot, new_acc, tickets,
         *out.stride(), *kv_strides, *scores.stride(), logits.stride(0), logits.stride(1),
         length, chunk, budget, recent_budget, num_sink,
-        SPLITS_P=triton.next_power_of_2(num_splits), **meta,
+        SPLITS_P=next_power_of_2(num_splits), **meta,
     )
     return out

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FMA, LOG2E, dot_precision, online_softmax_step
+from .common import FMA, LOG2E, cdiv, dot_precision, next_power_of_2, online_softmax_step
 
 
 def _tiles(dtype, head_dim_p):
@@ -152,7 +152,7 @@ def h2o_prefill_fwd(query, key, value, real, softmax_scale, *, out=None):
     batch, num_heads, seq_len, head_dim = query.shape
     num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads
-    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    head_dim_p = max(16, next_power_of_2(head_dim))
     if out is None:
         out = torch.empty(batch, seq_len, num_heads, head_dim, device=query.device, dtype=query.dtype)
     # Batch and head offsets are 64-bit in the kernels, row offsets inside a head 32-bit.
@@ -174,12 +174,12 @@ def h2o_prefill_fwd(query, key, value, real, softmax_scale, *, out=None):
                 BLOCK_K=block_k, HAS_PAD=has_pad, QK_PRECISION=dot_precision(query.dtype),
                 num_warps=num_warps, num_stages=num_stages, **FMA)
 
-    _prefill_attention[(triton.cdiv(seq_len, block_q), batch * num_heads)](
+    _prefill_attention[(cdiv(seq_len, block_q), batch * num_heads)](
         query, key, value, real_arg, out, lse,
         *query.stride(), *key.stride(), *value.stride(), *real_strides, *out.stride(), *lse.stride(),
         seq_len, qk_scale, NUM_HEADS=num_heads, PV_PRECISION=dot_precision(value.dtype), **meta,
     )
-    _prefill_column_sums[(triton.cdiv(seq_len, block_k), batch * num_kv_heads)](
+    _prefill_column_sums[(cdiv(seq_len, block_k), batch * num_kv_heads)](
         query, key, real_arg, lse, acc,
         *query.stride(), *key.stride(), *real_strides, *lse.stride(), *acc.stride(),
         seq_len, qk_scale, NUM_KV_HEADS=num_kv_heads, **meta,

@@ -44,7 +44,8 @@ import triton.language as tl
 
 from ..sf_attn.pattern import (group_end, group_start, head_shift, in_group, in_sink, in_wrap,
                                wrap_start)
-from .common import FMA, LOG2E, dot_precision, interpreted, online_softmax_step
+from .common import (FMA, LOG2E, cdiv, dot_precision, interpreted, next_power_of_2,
+                     online_softmax_step)
 
 DELTA_ROWS = 32  # rows per program of the delta preprocess (o and do tiles, no dots)
 
@@ -449,7 +450,7 @@ def tiles(head_dim, dtype):
 
 
 def _sink_block(num_sink):
-    return max(16, min(64, triton.next_power_of_2(max(num_sink, 1))))
+    return max(16, min(64, next_power_of_2(max(num_sink, 1))))
 
 
 def new_output(shape, dtype, device):
@@ -473,7 +474,7 @@ def sf_attn_forward(q, k, v, group_size, num_sink, shift_heads, is_s2, softmax_s
     tile = tiles(head_dim, q.dtype)["fwd"]
     o = new_output(q.shape, q.dtype, q.device)
     lse = new_output((bsz, num_heads, n), torch.float32, q.device)
-    grid = (triton.cdiv(n, tile.rows), bsz * num_heads)
+    grid = (cdiv(n, tile.rows), bsz * num_heads)
     _sf_attn_fwd_kernel[grid](
         q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
         n, num_heads, num_heads // k.shape[1], shift_heads, group_size, num_sink, int(is_s2),
@@ -496,13 +497,13 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
     precision = dot_precision(q.dtype)
 
     delta = new_output((bsz, num_heads, n), torch.float32, q.device)
-    _bwd_delta_kernel[(triton.cdiv(n, DELTA_ROWS), bsz * num_heads)](
+    _bwd_delta_kernel[(cdiv(n, DELTA_ROWS), bsz * num_heads)](
         o, do, delta, *_strides3(o), *_strides3(do), n, num_heads,
         HEAD_DIM=head_dim, BLOCK_M=DELTA_ROWS, **FMA,
     )
 
     tile = launch["dq"]
-    num_q_blocks = triton.cdiv(n, tile.rows)
+    num_q_blocks = cdiv(n, tile.rows)
     # At least one row: a zero-size CUDA tensor has a null pointer, which launchers refuse.
     sink_dk = torch.zeros((bsz, num_heads, num_q_blocks, max(num_sink, 1), head_dim),
                           dtype=torch.float32, device=q.device)
@@ -520,7 +521,7 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
     dv = new_output(v.shape, v.dtype, v.device)
     # Roles swap: a program owns a key block (BLOCK_N rows of k) and walks query tiles.
     tile = launch["dkdv"]
-    _sf_attn_bwd_dkdv_kernel[(triton.cdiv(n, tile.rows), bsz * num_kv_heads)](
+    _sf_attn_bwd_dkdv_kernel[(cdiv(n, tile.rows), bsz * num_kv_heads)](
         q, k, v, do, lse, delta, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk),
         *_strides3(dv),
