@@ -39,6 +39,8 @@ the grid is ``(B * Hkv, S)`` in both launches, so batch 1 with a 32k budget stil
    writes the new entry into the victim's slot.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -264,11 +266,17 @@ def _partial_launch(keys, head_dim_p):
                 num_stages=1 if fp32 and head_dim_p >= 256 else 3)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    # Read once per GPU: the decode step runs per token and layer.
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_splits(device, programs, length):
     """Chunks per (sequence, kv head): about two programs per SM, at least a block each."""
     blocks = cdiv(length + 1, BLOCK_N)
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * _sm_count(device.index)
     else:
         target = 4  # the interpreter: a few chunks, so the merge path always runs
     return max(1, min(blocks, cdiv(target, programs)))
