@@ -96,9 +96,12 @@ class H2OLayer(CacheLayerMixin):
         if self.state is None:
             _, self.state = prefill(query, key, value, self.budget, real, scaling, backend, out=out)
             return out
-        for t in range(q_len):  # prompts continued after prefill: token by token, as the spec says
-            decode(query[:, :, t], self.state, key[:, :, t], value[:, :, t], self.budget,
-                   None if real is None else real[:, t], scaling, backend, out=out[:, t])
+        # Prompts continued after prefill go token by token, as the spec says. (``select`` is
+        # cheaper than indexing on this per-token, per-layer host path.)
+        for t in range(q_len):
+            decode(query.select(2, t), self.state, key.select(2, t), value.select(2, t),
+                   self.budget, None if real is None else real[:, t], scaling, backend,
+                   out=out.select(1, t))
         return out
 
     def get_mask_sizes(self, query_length):

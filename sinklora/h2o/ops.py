@@ -56,6 +56,27 @@ def _check_qkv(query, key, value, dims):
         raise ValueError(f"query must be non-empty, got shape {tuple(query.shape)}")
 
 
+def _check_state(state, key):
+    """``state``'s buffers fit the new ``key`` ``[B, Hkv, D]`` and one another."""
+    held = state.key_buffer
+    batch, num_kv_heads, head_dim = key.shape
+    if (held.shape[0], held.shape[1], held.shape[3]) != (batch, num_kv_heads, head_dim) \
+            or held.dtype != key.dtype or held.device != key.device:
+        raise ValueError(f"state holds [B, Hkv, *, D] = {tuple(held.shape)} {held.dtype} on "
+                         f"{held.device}; key is {tuple(key.shape)} {key.dtype} on {key.device}")
+    slots = held.shape[:3]
+    # Scores are float32 (float64 for float64 keys: the reference path).
+    score_dtype = torch.float64 if held.dtype == torch.float64 else torch.float32
+    expected = {"value_buffer": (held.shape, None), "position_buffer": (slots, torch.int64),
+                "score_buffer": (slots, score_dtype), "next_position": ((batch,), torch.int64)}
+    for name, (shape, dtype) in expected.items():
+        t = getattr(state, name)
+        if t.shape != shape or (dtype is not None and t.dtype != dtype) or t.device != held.device:
+            want = " ".join(str(x) for x in (tuple(shape), dtype, "on", held.device) if x)
+            raise ValueError(f"state.{name} must be {want} (to fit state.key_buffer), got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+
+
 def prefill(query, key, value, budget, real, softmax_scale, backend, out=None):
     """Prompt -> (output ``[B, n, Hq, D]``, a new :class:`H2OState` holding the kept entries).
 
@@ -156,12 +177,7 @@ def h2o_decode(query, state, key, value, *, heavy_budget, recent_budget, num_sin
     if not isinstance(state, H2OState):
         raise TypeError(f"state must be an H2OState (from h2o_prefill), got {type(state).__name__}")
     batch, _, head_dim = query.shape
-    expected = (batch, key.shape[1], head_dim)
-    held = state.key_buffer
-    if (held.shape[0], held.shape[1], held.shape[3]) != expected or held.dtype != key.dtype \
-            or held.device != key.device:
-        raise ValueError(f"state holds [B, Hkv, *, D] = {tuple(held.shape)} {held.dtype} on "
-                         f"{held.device}; key is {tuple(key.shape)} {key.dtype} on {key.device}")
+    _check_state(state, key)
     if state.budget is not None and state.budget != budget:
         b = state.budget
         raise ValueError(f"heavy_budget, recent_budget, num_sink must be the ones the state was "

@@ -5,7 +5,8 @@ class H2OState:
     """The entries one attention layer keeps, for every sequence and kv head.
 
     The buffers have ``capacity`` slots (at most the budget); the first ``length`` hold entries,
-    the same number for every sequence and head. Slot order means nothing: keys carry their own
+    the same number for every sequence and head. They are contiguous: the Triton decode step
+    reads their strides from the capacity. Slot order means nothing: keys carry their own
     RoPE, so attention does not depend on it, and decoding writes a new entry into the slot of
     the entry it evicts.
 
@@ -82,9 +83,10 @@ class H2OState:
         self.position_buffer, self.score_buffer = grown(self.position_buffer), grown(self.score_buffer)
 
     def map_tensors(self, fn):
-        """Replaces every tensor ``t`` by ``fn(t)`` (batch select / reorder / repeat, moves)."""
+        """Replaces every tensor ``t`` by ``fn(t)`` (batch select / reorder / repeat, moves),
+        kept contiguous."""
         (self.key_buffer, self.value_buffer, self.position_buffer, self.score_buffer,
-         self.next_position) = (fn(t) for t in self.buffers)
+         self.next_position) = (fn(t).contiguous() for t in self.buffers)
 
     def to(self, device, non_blocking=False):
         """Moves every tensor to ``device``."""

@@ -23,6 +23,9 @@ with ``L < budget`` it goes to slot ``L``. Attention does not depend on the orde
 
 The kernels (flash-decoding): the ``L + 1`` entries are cut into ``S`` chunks of whole blocks;
 the grid is ``(B * Hkv, S)`` in both launches, so batch 1 with a 32k budget still fills the GPU.
+Storage is contiguous (the state allocates it), so its strides follow from the capacity ``C``,
+and the scratch is one allocation: a decode step runs per token and layer, and the host side
+of each Triton launch grows with its argument count.
 
 1. ``_decode_partial``: program ``(bg, s)`` loads the ``R`` queries of head ``g`` once (GQA
    without expanding k/v), runs an online softmax over its chunk (the last chunk also takes the
@@ -77,16 +80,28 @@ def _program(NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.conste
 
 
 @triton.jit
+def _scratch(SCRATCH, length, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+             HEAD_DIM_P: tl.constexpr):
+    """The float32 scratch both launches share (one allocation, ``_scratch_size``): per program
+    of the grid the partial ``m`` and ``l`` ``[GROUP_P]`` and ``o`` ``[GROUP_P, HEAD_DIM_P]``;
+    per ``bg`` the logits ``[GROUP, length + 1]`` and the new entry's score."""
+    parts = tl.num_programs(0) * tl.num_programs(1) * GROUP_P
+    part_o = SCRATCH + 2 * parts
+    logits = part_o + parts * HEAD_DIM_P
+    new_acc = logits + tl.num_programs(0).to(tl.int64) * GROUP * (length + 1)
+    return SCRATCH, SCRATCH + parts, part_o, logits, new_acc
+
+
+def _scratch_size(programs, num_splits, group, group_p, head_dim_p, length):
+    """Elements of ``_scratch`` for a grid of ``(programs, num_splits)``."""
+    return programs * (num_splits * group_p * (2 + head_dim_p) + group * (length + 1) + 1)
+
+
+@triton.jit
 def _decode_partial(
-    Q, K_NEW, V_NEW, K, V, POS, NEW_REAL, NEXT_POS, LOGITS, PART_M, PART_L, PART_O,
-    stride_qb, stride_qh, stride_qd,
-    stride_knb, stride_knh, stride_knd,
-    stride_vnb, stride_vnh, stride_vnd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pb, stride_ph, stride_pn,
-    stride_lg, stride_lr,
-    length, chunk, qk_scale,
+    Q, K_NEW, V_NEW, K, V, POS, NEW_REAL, NEXT_POS, SCRATCH,
+    stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
+    capacity, length, chunk, qk_scale,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr,
     HAS_NEW_REAL: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
@@ -94,16 +109,18 @@ def _decode_partial(
     bg, b, g, r, d, r_ok, d_ok = _program(NUM_KV_HEADS, GROUP, GROUP_P, HEAD_DIM, HEAD_DIM_P)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
+    PART_M, PART_L, PART_O, LOGITS, _ = _scratch(SCRATCH, length, GROUP, GROUP_P, HEAD_DIM_P)
 
-    q = tl.load(Q + b * stride_qb + (g * GROUP + r)[:, None] * stride_qh + d[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + (g * GROUP + r)[:, None] * stride_qh + d[None, :],
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
     o_i = tl.zeros([GROUP_P, HEAD_DIM_P], tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-    pos_base = POS + b * stride_pb + g * stride_ph
-    logit_base = LOGITS + bg.to(tl.int64) * stride_lg + r * stride_lr
+    row = bg.to(tl.int64) * capacity  # this (b, g)'s first slot in storage
+    k_base = K + row * HEAD_DIM
+    v_base = V + row * HEAD_DIM
+    pos_base = POS + row
+    logit_base = LOGITS + (bg.to(tl.int64) * GROUP + r) * (length + 1)
 
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
@@ -111,17 +128,17 @@ def _decode_partial(
         n = start + tl.arange(0, BLOCK)
         n_ok = n < hi
         kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + n[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-        pos = tl.load(pos_base + n * stride_pn, mask=n_ok, other=-1)
+        k = tl.load(k_base + n[:, None] * HEAD_DIM + d[None, :], mask=kv_ok, other=0.0)
+        pos = tl.load(pos_base + n, mask=n_ok, other=-1)
         s = tl.dot(q, tl.trans(k), input_precision=QK_PRECISION) * qk_scale
         s = tl.where((pos >= 0)[None, :], s, float("-inf"))
         tl.store(logit_base[:, None] + n[None, :], s, mask=r_ok[:, None] & n_ok[None, :])
-        v = tl.load(v_base + n[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        v = tl.load(v_base + n[:, None] * HEAD_DIM + d[None, :], mask=kv_ok, other=0.0)
         m_i, l_i, o_i = online_softmax_step(m_i, l_i, o_i, s, v, PV_PRECISION)
 
     if split == num_splits - 1:
         # The new entry (index ``length``) comes from the new k/v, not from storage.
-        k_new = tl.load(K_NEW + b * stride_knb + g * stride_knh + d * stride_knd, mask=d_ok, other=0.0)
+        k_new = tl.load(K_NEW + b * stride_knb + g * stride_knh + d, mask=d_ok, other=0.0)
         s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
         if HAS_NEW_REAL:
             s_new = tl.where(tl.load(NEW_REAL + b) != 0, s_new, float("-inf"))
@@ -130,7 +147,7 @@ def _decode_partial(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p_new = tl.exp2(s_new - m_safe)
-        v_new = tl.load(V_NEW + b * stride_vnb + g * stride_vnh + d * stride_vnd, mask=d_ok, other=0.0)
+        v_new = tl.load(V_NEW + b * stride_vnb + g * stride_vnh + d, mask=d_ok, other=0.0)
         l_i = l_i * alpha + p_new
         o_i = o_i * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
         m_i = m_new
@@ -150,17 +167,9 @@ def _decode_partial(
 
 @triton.jit
 def _decode_update(
-    OUT, K_NEW, V_NEW, K, V, POS, SCORES, NEW_REAL, NEXT_POS,
-    LOGITS, PART_M, PART_L, PART_O, CAND_KEY, CAND_SLOT, NEW_ACC, TICKETS,
-    stride_ob, stride_oh, stride_od,
-    stride_knb, stride_knh, stride_knd,
-    stride_vnb, stride_vnh, stride_vnd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pb, stride_ph, stride_pn,
-    stride_sb, stride_sh, stride_sn,
-    stride_lg, stride_lr,
-    length, chunk, budget, recent_budget, num_sink,
+    OUT, K_NEW, V_NEW, K, V, POS, SCORES, NEW_REAL, NEXT_POS, SCRATCH, CANDIDATES, TICKETS,
+    stride_ob, stride_oh, stride_knb, stride_knh, stride_vnb, stride_vnh,
+    capacity, length, chunk, budget, recent_budget, num_sink,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr,
     SPLITS_P: tl.constexpr, HAS_NEW_REAL: tl.constexpr,
@@ -168,6 +177,11 @@ def _decode_update(
     bg, b, g, r, d, r_ok, d_ok = _program(NUM_KV_HEADS, GROUP, GROUP_P, HEAD_DIM, HEAD_DIM_P)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
+    PART_M, PART_L, PART_O, LOGITS, NEW_ACC = _scratch(SCRATCH, length, GROUP, GROUP_P,
+                                                       HEAD_DIM_P)
+    # Each chunk's smallest eviction key and its slot, for the last program of ``bg``.
+    CAND_KEY = CANDIDATES + bg * num_splits
+    CAND_SLOT = CAND_KEY + tl.num_programs(0) * num_splits
 
     # Merge the chunks' (m, l) into the row log-sum-exp (base 2); every program needs it.
     sp = tl.arange(0, SPLITS_P)
@@ -186,20 +200,21 @@ def _decode_update(
     if split == 0:
         o = tl.zeros([GROUP_P, HEAD_DIM_P], tl.float32)
         for i in range(0, num_splits):
-            row = (bg * num_splits + i) * GROUP_P + r
-            w = tl.exp2(tl.load(PART_M + row) - m_safe)
-            o += tl.load(PART_O + row[:, None] * HEAD_DIM_P + d[None, :]) * w[:, None]
+            part_row = (bg * num_splits + i) * GROUP_P + r
+            w = tl.exp2(tl.load(PART_M + part_row) - m_safe)
+            o += tl.load(PART_O + part_row[:, None] * HEAD_DIM_P + d[None, :]) * w[:, None]
         o = o / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-        tl.store(OUT + b * stride_ob + (g * GROUP + r)[:, None] * stride_oh + d[None, :] * stride_od,
+        tl.store(OUT + b * stride_ob + (g * GROUP + r)[:, None] * stride_oh + d[None, :],
                  o.to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
 
     next_pos = tl.load(NEXT_POS + b)
     new_pos = next_pos - 1
     if HAS_NEW_REAL:
         new_pos = tl.where(tl.load(NEW_REAL + b) != 0, new_pos, -1)
-    logit_base = LOGITS + bg.to(tl.int64) * stride_lg + r * stride_lr
-    pos_base = POS + b * stride_pb + g * stride_ph
-    score_base = SCORES + b * stride_sb + g * stride_sh
+    logit_base = LOGITS + (bg.to(tl.int64) * GROUP + r) * (length + 1)
+    row = bg.to(tl.int64) * capacity  # this (b, g)'s first slot in storage
+    pos_base = POS + row
+    score_base = SCORES + row
 
     best_key = tl.full([], NOT_A_CANDIDATE, tl.int64)
     best_slot = tl.full([], 0, tl.int32)
@@ -210,10 +225,10 @@ def _decode_update(
         n_ok = n < hi
         s = tl.load(logit_base[:, None] + n[None, :], mask=r_ok[:, None] & n_ok[None, :],
                     other=float("-inf"))
-        acc = tl.load(score_base + n * stride_sn, mask=n_ok, other=0.0)
+        acc = tl.load(score_base + n, mask=n_ok, other=0.0)
         acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
-        tl.store(score_base + n * stride_sn, acc, mask=n_ok)
-        pos = tl.load(pos_base + n * stride_pn, mask=n_ok, other=0)
+        tl.store(score_base + n, acc, mask=n_ok)
+        pos = tl.load(pos_base + n, mask=n_ok, other=0)
         key = _eviction_key(pos, acc, n, next_pos, recent_budget, num_sink)
         key = tl.where(n_ok, key, NOT_A_CANDIDATE)
         block_key = tl.min(key, 0)
@@ -229,30 +244,27 @@ def _decode_update(
         best_slot = tl.where(key_new < best_key, length, best_slot)
         best_key = tl.minimum(key_new, best_key)
 
-    tl.store(CAND_KEY + bg * num_splits + split, best_key)
-    tl.store(CAND_SLOT + bg * num_splits + split, best_slot)
+    tl.store(CAND_KEY + split, best_key)
+    tl.store(CAND_SLOT + split, best_slot)
     # The last program of this (b, g) to take a ticket sees every chunk's scores and candidate:
     # the barrier orders all of this program's threads' stores before the (acq_rel) ticket.
     tl.debug_barrier()
     ticket = tl.atomic_add(TICKETS + bg, 1)
     if ticket == num_splits - 1:
         sp_ok1 = sp < num_splits
-        keys = tl.load(CAND_KEY + bg * num_splits + sp, mask=sp_ok1, other=NOT_A_CANDIDATE,
-                       volatile=True)
-        slots = tl.load(CAND_SLOT + bg * num_splits + sp, mask=sp_ok1, other=NO_SLOT,
-                        volatile=True)
+        keys = tl.load(CAND_KEY + sp, mask=sp_ok1, other=NOT_A_CANDIDATE, volatile=True)
+        slots = tl.load(CAND_SLOT + sp, mask=sp_ok1, other=NO_SLOT, volatile=True)
         victim = tl.min(tl.where(keys == tl.min(keys, 0), slots, NO_SLOT), 0)
         slot = tl.where(length < budget, length, victim)
         # Full and the new entry is its own victim (slot == length): it is not stored.
         if slot < tl.where(length < budget, length + 1, length):
-            k_new = tl.load(K_NEW + b * stride_knb + g * stride_knh + d * stride_knd, mask=d_ok)
-            v_new = tl.load(V_NEW + b * stride_vnb + g * stride_vnh + d * stride_vnd, mask=d_ok)
-            tl.store(K + b * stride_kb + g * stride_kh + slot * stride_kn + d * stride_kd,
-                     k_new.to(K.dtype.element_ty), mask=d_ok)
-            tl.store(V + b * stride_vb + g * stride_vh + slot * stride_vn + d * stride_vd,
-                     v_new.to(V.dtype.element_ty), mask=d_ok)
-            tl.store(pos_base + slot * stride_pn, new_pos)
-            tl.store(score_base + slot * stride_sn, tl.load(NEW_ACC + bg, volatile=True))
+            k_new = tl.load(K_NEW + b * stride_knb + g * stride_knh + d, mask=d_ok)
+            v_new = tl.load(V_NEW + b * stride_vnb + g * stride_vnh + d, mask=d_ok)
+            entry = row + slot
+            tl.store(K + entry * HEAD_DIM + d, k_new.to(K.dtype.element_ty), mask=d_ok)
+            tl.store(V + entry * HEAD_DIM + d, v_new.to(V.dtype.element_ty), mask=d_ok)
+            tl.store(POS + entry, new_pos)
+            tl.store(SCORES + entry, tl.load(NEW_ACC + bg, volatile=True))
         tl.store(TICKETS + bg, 0)
 
 
@@ -288,13 +300,16 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
     """Launches the two decode kernels; updates the stored entries in place.
 
     Args:
-        query: ``[B, Hq, D]``; key_new, value_new: ``[B, Hkv, D]`` (any strides).
-        keys, values: ``[B, Hkv, C, D]`` storage, ``C > length`` unless ``length == budget``.
-        positions: ``[B, Hkv, C]`` int64 (``-1`` = pad); scores: ``[B, Hkv, C]`` float32.
+        query: ``[B, Hq, D]``; key_new, value_new: ``[B, Hkv, D]`` (copied when the last dim
+            is strided).
+        keys, values: ``[B, Hkv, C, D]`` contiguous storage, ``C > length`` unless
+            ``length == budget``.
+        positions: ``[B, Hkv, C]`` int64 (``-1`` = pad); scores: ``[B, Hkv, C]`` float32; both
+            contiguous.
         next_position: ``[B]`` int64, real tokens seen before this step; advanced in place.
         length: stored entries (same for every sequence and head), ``<= budget``.
         new_real: optional ``[B]`` bool/int, 0 where the new token is a pad.
-        out: optional ``[B, Hq, D]`` destination (may be a strided view).
+        out: optional ``[B, Hq, D]`` destination with a contiguous last dim (may be a view).
         tickets: optional ``[B * Hkv]`` int32 zeros, reused across calls (the kernel leaves
             them at zero); allocated when ``None``.
         num_splits: chunks per (sequence, kv head); default from the SM count.
@@ -302,8 +317,16 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
     Returns:
         ``out``, the attention output in ``query``'s dtype.
     """
+    storage = (keys, values, positions, scores)
+    if not all(t.is_contiguous() for t in storage):
+        raise ValueError("keys, values, positions and scores must be contiguous storage "
+                         "(an H2OState's buffers are)")
+    if out is not None and out.stride(-1) != 1:
+        raise ValueError(f"out must have a contiguous last dim, got strides {out.stride()}")
+    query, key_new, value_new = (t if t.stride(-1) == 1 else t.contiguous()
+                                 for t in (query, key_new, value_new))
     batch, num_heads, head_dim = query.shape
-    num_kv_heads = keys.shape[1]
+    num_kv_heads, capacity = keys.shape[1:3]
     group = num_heads // num_kv_heads
     programs = batch * num_kv_heads
     if num_splits is None:
@@ -313,14 +336,9 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
     group_p = max(16, next_power_of_2(group))
     head_dim_p = max(16, next_power_of_2(head_dim))
 
-    # Scratch in two allocations (the host side of a decode step is as long as the GPU side).
-    sizes = (programs * group * (length + 1), programs * num_splits * group_p,
-             programs * num_splits * group_p, programs * num_splits * group_p * head_dim_p, programs)
-    scratch = torch.empty(sum(sizes), device=query.device, dtype=torch.float32).split(sizes)
-    logits = scratch[0].view(programs, group, length + 1)
-    part_m, part_l, part_o, new_acc = scratch[1:]
-    candidates = torch.empty(2, programs * num_splits, device=query.device, dtype=torch.int64)
-    cand_key, cand_slot = candidates[0], candidates[1]
+    scratch = torch.empty(_scratch_size(programs, num_splits, group, group_p, head_dim_p, length),
+                          device=query.device, dtype=torch.float32)
+    candidates = torch.empty(2 * programs * num_splits, device=query.device, dtype=torch.int64)
     if tickets is None:
         tickets = torch.zeros(programs, device=query.device, dtype=torch.int32)
     if out is None:
@@ -329,25 +347,21 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
     if has_new_real and new_real.dtype == torch.bool:
         new_real = new_real.view(torch.uint8)
     new_real_arg = new_real if has_new_real else next_position  # never read without the flag
-    qk_scale = softmax_scale * LOG2E.value
     grid = (programs, num_splits)
     meta = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim,
                 HEAD_DIM_P=head_dim_p, BLOCK=BLOCK_N, HAS_NEW_REAL=has_new_real, **FMA)
-    kv_strides = (*key_new.stride(), *value_new.stride(), *keys.stride(), *values.stride(),
-                  *positions.stride())
+    new_strides = (*key_new.stride()[:2], *value_new.stride()[:2])
 
     _decode_partial[grid](
-        query, key_new, value_new, keys, values, positions, new_real_arg, next_position,
-        logits, part_m, part_l, part_o,
-        *query.stride(), *kv_strides, logits.stride(0), logits.stride(1),
-        length, chunk, qk_scale, QK_PRECISION=dot_precision(query.dtype),
-        PV_PRECISION=dot_precision(values.dtype), **_partial_launch(keys, head_dim_p), **meta,
+        query, key_new, value_new, keys, values, positions, new_real_arg, next_position, scratch,
+        *query.stride()[:2], *new_strides, capacity, length, chunk, softmax_scale * LOG2E.value,
+        QK_PRECISION=dot_precision(query.dtype), PV_PRECISION=dot_precision(values.dtype),
+        **_partial_launch(keys, head_dim_p), **meta,
     )
     _decode_update[grid](
         out, key_new, value_new, keys, values, positions, scores, new_real_arg, next_position,
-        logits, part_m, part_l, part_o, cand_key, cand_slot, new_acc, tickets,
-        *out.stride(), *kv_strides, *scores.stride(), logits.stride(0), logits.stride(1),
-        length, chunk, budget, recent_budget, num_sink,
+        scratch, candidates, tickets,
+        *out.stride()[:2], *new_strides, capacity, length, chunk, budget, recent_budget, num_sink,
         SPLITS_P=next_power_of_2(num_splits), **meta,
     )
     return out

@@ -134,6 +134,33 @@ def test_decode_kernels_match_torch(case, num_splits, dtype, device):
     assert rel_err(state.score_buffer[..., stored], want.score_buffer[..., stored]) <= TOL[torch.float32]
 
 
+def test_decode_kernels_take_strided_views(device):
+    """transformers hands the step views of ``[B, 1, H, D]`` tensors and the output is a view
+    of ``[B, q_len, Hq, D]``; an input whose last dim is strided is copied first. Same result
+    as contiguous tensors, bit for bit."""
+    budget = H2OBudget(heavy_budget=120, recent_budget=6, num_sink=4)
+    state = random_state(130, 130, [300, 200], (1, 0), torch.float32, device)
+    twin = H2OState(*(t.clone() for t in state.buffers[:4]), state.length,
+                    state.next_position.clone())
+    q = torch.randn(BATCH, 1, HQ, D, device=device).transpose(1, 2)[:, :, 0]
+    k_new = torch.randn(BATCH, HKV, 2 * D, device=device)[..., ::2]  # last-dim stride 2
+    v_new = torch.randn(BATCH, 1, HKV, D, device=device).transpose(1, 2)[:, :, 0]
+    out = torch.full((BATCH, 3, HQ, D), float("nan"), device=device)[:, 1]
+    assert q.stride(-1) == 1 and k_new.stride(-1) == 2 and out.stride(0) == 3 * HQ * D
+
+    def step(st, q, k_new, v_new, out):
+        return h2o_decode_fwd(q, k_new, v_new, *st.buffers, 130, budget.total,
+                              budget.recent_budget, budget.num_sink, SCALE, out=out,
+                              num_splits=3)
+
+    got = step(state, q, k_new, v_new, out)
+    want = step(twin, q.contiguous(), k_new.contiguous(), v_new.contiguous(), None)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, want)
+    for mine, theirs in zip(state.buffers, twin.buffers):
+        assert torch.equal(mine, theirs)
+
+
 def test_decode_kernel_reuses_its_tickets(device):
     """The last program of each (b, g) resets its ticket, so one buffer serves every step."""
     budget = H2OBudget(heavy_budget=120, recent_budget=6, num_sink=4)

@@ -87,3 +87,26 @@ def test_decode_rejects_a_state_that_does_not_fit():
         h2o_decode(*step[:1], state, *step[1:], heavy_budget=1, recent_budget=1)
     with pytest.raises(ValueError, match="padding_mask"):
         h2o_decode(*step[:1], state, *step[1:], padding_mask=torch.ones(3), **BUDGET)
+
+
+@pytest.mark.parametrize("name,bad", [
+    ("value_buffer", lambda t: t[:, :, :-1]),
+    ("position_buffer", lambda t: t.int()),
+    ("score_buffer", lambda t: t.double()),
+    ("next_position", lambda t: t[:1]),
+])
+def test_decode_rejects_state_buffers_that_do_not_fit_one_another(name, bad):
+    q, k, v = qkv()
+    _, state = h2o_prefill(q, k, v, backend="torch", **BUDGET)
+    setattr(state, name, bad(getattr(state, name)))
+    with pytest.raises(ValueError, match=f"state.{name} must be"):
+        h2o_decode(q[:, :, 0], state, k[:, :, 0], v[:, :, 0], **BUDGET)
+
+
+def test_triton_decode_refuses_strided_storage(device):
+    # The kernels read storage strides from the capacity: a strided buffer would be misread.
+    q, k, v = (t.to(device) for t in qkv(n=9))  # past the budget: no buffer grows
+    _, state = h2o_prefill(q, k, v, backend="torch", **BUDGET)
+    state.score_buffer = state.score_buffer.transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        h2o_decode(q[:, :, 0], state, k[:, :, 0], v[:, :, 0], backend="triton", **BUDGET)
