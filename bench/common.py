@@ -155,6 +155,23 @@ def time_ms(fn, device, grad_to_none=None):
                                         quantiles=list(QUANTILES)))
 
 
+def host_ms_per_call(fn, device, calls=50):
+    """Host (CPU) milliseconds per call of ``fn`` issued back to back without synchronizing:
+    what a call costs the CPU, which bounds the step rate whenever the GPU's share is shorter
+    (decoding at batch 1). ``None`` on CPU, where every call runs to completion. 50 calls stay
+    far inside CUDA's launch queue, so the host never waits for the GPU unless ``fn`` itself
+    synchronizes."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    synchronize(device)
+    return elapsed * 1e3 / calls
+
+
 def peak_memory_mb(fn, device):
     """Peak allocated CUDA memory (MiB) during one ``fn()``, counting what was already held
     (the inputs); ``None`` on CPU, where torch keeps no such counter."""

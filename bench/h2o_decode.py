@@ -14,6 +14,10 @@ Decode (pass ``decode``; one new token per sequence, the cache already holding a
 - ``static_sdpa``: SDPA over a preallocated ``N + 1``-slot cache the new token is written into
   (what a static cache costs), for reference: it is the stronger full-cache baseline.
 
+On CUDA the note also gives the host (CPU) time per step when 50 steps are issued back to
+back without synchronizing: a step cannot be faster than that, which is what bounds decoding
+at batch 1 when the GPU's share is shorter.
+
 ``gb_s`` counts the K/V bytes the step's attention reads (``2 * B * Hkv * entries * D *
 itemsize``); ``kv_bytes`` is what the layer stores after the step (for H2O its key and value
 buffers). One attention layer.
@@ -272,6 +276,9 @@ def bench_decode(name, ctx, base_row):
         note = "; ".join([note, check()])
         ms = common.time_ms(step, device)
         peak = common.peak_memory_mb(step, device)
+        host = common.host_ms_per_call(step, device)
+        if host is not None:
+            note += f"; host {host * 1e3:.1f} us/step issued back to back"
         row.update(ms_p20=ms[0], ms_p50=ms[1], ms_p80=ms[2], peak_mem_mb=peak, note=note,
                    gb_s=shape.kv_bytes(entries) / (ms[1] * 1e-3) / 1e9, kv_bytes=kv_bytes(),
                    budget=entries if name.startswith(("sinklora", "torch")) else None)

@@ -112,3 +112,13 @@ def test_tile_tuning_runs_each_kernel_and_restores_the_tiles(tmp_path, capsys):
     for r in rows:
         assert r["error"] == "" and float(r["ms_p50"]) > 0, r
     assert "fastest tile per kernel" in capsys.readouterr().out
+
+
+def test_host_time_is_per_call_between_two_synchronizations(monkeypatch):
+    events = []
+    monkeypatch.setattr(common, "synchronize", lambda device: events.append("sync"))
+    assert common.host_ms_per_call(lambda: events.append("call"), torch.device("cpu")) is None
+    assert events == []
+    ms = common.host_ms_per_call(lambda: events.append("call"), torch.device("cuda"), calls=7)
+    assert events == ["sync"] + ["call"] * 7 + ["sync"]
+    assert 0 < ms < 1e3
