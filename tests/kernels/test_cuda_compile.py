@@ -64,8 +64,8 @@ def _register_cap(num_warps):
 def test_no_register_spills(compiled):
     # A spill moves tile values to local memory (DRAM behind L1) inside the inner loops; the
     # launchers' tiles are chosen so that ptxas needs none. Local memory at fewer registers
-    # than the cap is not register pressure (ptxas 13 keeps 8 bytes of stack for the decode
-    # update at 40 registers) and is not counted.
+    # than the cap is not register pressure (triton 3.8's ptxas moves 12 bytes of the bf16
+    # decode update at 40 registers) and is not counted.
     spilled = [(r["kernel"], r["dtypes"], r["constexprs"].get("HEAD_DIM"), r["registers"],
                 r["spill_bytes"]) for r in compiled
                if r["spill_bytes"]
