@@ -202,32 +202,32 @@ def test_kernels_take_fp32_queries_keys_with_16bit_values(device):
     assert torch.equal(state.position_buffer, want.position_buffer)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter check of 64-bit offsets")
-def test_decode_storage_offsets_past_2_to_31():
+def test_decode_storage_offsets_past_2_to_31(device):
     """The kernels find a (sequence, kv head)'s slots at ``bg * capacity * D``: with 8 kv heads
     and 19M slots the last head starts past element 2**31, where 32-bit offsets would wrap.
-    The storage is ``torch.empty`` (the OS maps untouched pages lazily), only the first
-    ``length`` slots of each head are written."""
+    The storage is ``torch.empty``: on CPU the OS maps untouched pages lazily, and only the
+    first ``length`` slots of each head are written (on a GPU it takes 12 GB)."""
     hkv, hq, length = 8, 16, 100
     capacity = 2**31 // ((hkv - 1) * D) + 64
     assert (hkv - 1) * capacity * D > 2**31
     budget = H2OBudget(heavy_budget=length - 20, recent_budget=16, num_sink=4)
-    keys, values = (torch.empty(1, hkv, capacity, D, dtype=torch.float16) for _ in range(2))
-    positions = torch.empty(1, hkv, capacity, dtype=torch.long)
-    scores = torch.empty(1, hkv, capacity)
-    small = random_state(length, length, [300, 300], (0, 0), torch.float16, "cpu")
+    keys, values = (torch.empty(1, hkv, capacity, D, device=device, dtype=torch.float16)
+                    for _ in range(2))
+    positions = torch.empty(1, hkv, capacity, device=device, dtype=torch.long)
+    scores = torch.empty(1, hkv, capacity, device=device)
+    small = random_state(length, length, [300, 300], (0, 0), torch.float16, device)
     used = slice(0, length)
     for g in range(hkv):  # the first sequence of a random state, once per kv head
         keys[0, g, used] = small.key_buffer[0, g % HKV]
         values[0, g, used] = small.value_buffer[0, g % HKV]
         positions[0, g, used] = small.position_buffer[0, g % HKV]
         scores[0, g, used] = small.score_buffer[0, g % HKV]
-    next_position = torch.tensor([300])
+    next_position = torch.tensor([300], device=device)
     want = H2OState(keys[..., used, :].double(), values[..., used, :].double(),
                     positions[..., used].clone(), scores[..., used].double(), length,
                     next_position.clone())
-    q = (torch.randn(1, hq, D) * 2).half()
-    k_new, v_new = torch.randn(1, hkv, D).half(), torch.randn(1, hkv, D).half()
+    q = (torch.randn(1, hq, D, device=device) * 2).half()
+    k_new, v_new = (torch.randn(1, hkv, D, device=device).half() for _ in range(2))
 
     out = h2o_decode_fwd(q, k_new, v_new, keys, values, positions, scores, next_position,
                          length, budget.total, budget.recent_budget, budget.num_sink, SCALE,
