@@ -204,6 +204,17 @@ def gate(name, outs, refs, dtype):
     return worst
 
 
+def sdpa_choice(query, key, value, **kwargs):
+    """For a note: the backend SDPA's dispatcher picks for these arguments (keywords as
+    ``scaled_dot_product_attention``'s), from torch's private ``_fused_sdp_choice``."""
+    from torch.nn.attention import SDPBackend
+
+    try:
+        return SDPBackend(torch._fused_sdp_choice(query, key, value, **kwargs)).name
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return "not reported by this torch"
+
+
 def free_memory(device, after_failure=False):
     """Returns cached CUDA blocks so the next provider starts from the same state. After a
     failure the exception's traceback held the failed call's tensors in reference cycles, so

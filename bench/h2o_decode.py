@@ -30,7 +30,9 @@ ratio is the score pass's overhead.
 
 Gates before timing: the fused decode step against the plain-PyTorch step on a copy of the same
 state (output, and the same set of kept positions); the full-cache steps against a float64
-attention over all tokens; the H2O prefill's output against SDPA's.
+attention over all tokens; the H2O prefill's output against SDPA's, and for its last
+(sequence, kv head) the kept entries' scores against the plain-PyTorch column sums of that
+pair, the recent window kept and no evicted token scoring above a kept one.
 """
 import sys
 from dataclasses import dataclass
@@ -191,7 +193,8 @@ def make_full_dynamic(ctx):
         return out[:, :, 0]
 
     return (step, ctx.shape.N + 1, lambda: ctx.shape.kv_bytes(ctx.shape.N + 1),
-            _full_gate(ctx, step), "DynamicCache.update (torch.cat) + SDPA, GQA native")
+            _full_gate(ctx, step), "DynamicCache.update (torch.cat) + "
+            + _sdpa_note(ctx.q_new[:, :, None], *context, enable_gqa=gqa))
 
 
 def make_full_static(ctx):
@@ -207,7 +210,13 @@ def make_full_static(ctx):
                                               enable_gqa=gqa)[:, :, 0]
 
     return (step, n + 1, lambda: ctx.shape.kv_bytes(n + 1), _full_gate(ctx, step),
-            "preallocated N+1 slots, in-place write + SDPA, GQA native")
+            "preallocated N+1 slots, in-place write + "
+            + _sdpa_note(ctx.q_new[:, :, None], keys, values, enable_gqa=gqa))
+
+
+def _sdpa_note(query, key, value, enable_gqa, **kwargs):
+    backend = common.sdpa_choice(query, key, value, enable_gqa=enable_gqa, **kwargs)
+    return f"SDPA backend (auto) {backend}, " + ("GQA native" if enable_gqa else "MHA")
 
 
 def _full_gate(ctx, step):
@@ -234,7 +243,9 @@ def make_sdpa_prefill(ctx):
     def run():
         return F.scaled_dot_product_attention(ctx.q_prompt, ctx.k_prompt, ctx.v_prompt,
                                               is_causal=True, enable_gqa=gqa)
-    return run, None, lambda: "the prefill gate's reference", "causal SDPA, GQA native"
+    return (run, None, lambda: "the prefill gate's reference",
+            "causal " + _sdpa_note(ctx.q_prompt, ctx.k_prompt, ctx.v_prompt, is_causal=True,
+                                   enable_gqa=gqa))
 
 
 def make_h2o_prefill(fraction, backend):
@@ -243,19 +254,58 @@ def make_h2o_prefill(fraction, backend):
 
         heavy, recent = split_budget(ctx.shape, fraction)
 
+        def prefill():
+            return sinklora.h2o_prefill(ctx.q_prompt, ctx.k_prompt, ctx.v_prompt,
+                                        heavy_budget=heavy, recent_budget=recent,
+                                        backend=backend)
+
         def run():
-            out, _ = sinklora.h2o_prefill(ctx.q_prompt, ctx.k_prompt, ctx.v_prompt,
-                                          heavy_budget=heavy, recent_budget=recent,
-                                          backend=backend)
-            return out
+            return prefill()[0]
 
         def check():
+            out, state = prefill()
             ref = make_sdpa_prefill(ctx)[0]()
-            err = common.gate(f"h2o prefill {backend}", [run()], [ref], ctx.shape.dtype)
-            return f"gate rel.err {err:.1e} vs causal SDPA"
+            err = common.gate(f"h2o prefill {backend}", [out], [ref], ctx.shape.dtype)
+            score_err = _check_kept(ctx, state, recent)
+            return (f"gate rel.err {err:.1e} vs causal SDPA, last (sequence, kv head)'s scores "
+                    f"{score_err:.1e} vs torch H2O, its kept set the top scores")
 
         return run, heavy + recent, check, "attention + column sums + selection"
     return make
+
+
+def _check_kept(ctx, state, recent):
+    """Raises ``GateError`` unless the prefill ``state`` of the last (sequence, kv head) holds
+    the scores the plain-PyTorch prefill computes for that pair (a run that keeps every token)
+    and keeps the recent window plus the highest-scoring other tokens. Returns the scores'
+    relative error."""
+    import sinklora
+
+    shape = ctx.shape
+    b, h, n, group = shape.B - 1, shape.Hkv - 1, shape.N, shape.Hq // shape.Hkv
+    _, every = sinklora.h2o_prefill(
+        ctx.q_prompt[b:b + 1, h * group:(h + 1) * group], ctx.k_prompt[b:b + 1, h:h + 1],
+        ctx.v_prompt[b:b + 1, h:h + 1], heavy_budget=n, recent_budget=0, backend="torch")
+    ref = torch.empty_like(every.scores[0, 0])
+    ref[every.positions[0, 0]] = every.scores[0, 0]
+    kept, scores = state.positions[b, h], state.scores[b, h]
+    err = common.rel_err(scores, ref[kept])
+    if not err <= common.GATE_TOLERANCE[shape.dtype]:
+        raise common.GateError(f"h2o prefill: the scores of the kept entries differ from torch "
+                               f"H2O's by rel. error {err:.2e}")
+    is_kept = torch.zeros(n, dtype=torch.bool, device=kept.device)
+    is_kept[kept] = True
+    if not is_kept[n - recent:].all():
+        raise common.GateError(f"h2o prefill: the {recent} most recent tokens are not all kept")
+    older, older_kept = ref[:n - recent], is_kept[:n - recent]
+    if older_kept.any() and not older_kept.all():
+        # Each score may be off by about the largest error seen: a tie can go either way.
+        slack = 2 * (scores - ref[kept]).abs().max() + 1e-6 * ref.abs().max()
+        lowest_kept, highest_left = older[older_kept].min(), older[~older_kept].max()
+        if lowest_kept < highest_left - slack:
+            raise common.GateError(f"h2o prefill: kept a token of score {lowest_kept:.4g} and "
+                                   f"evicted one of {highest_left:.4g}")
+    return err
 
 
 PREFILL_PROVIDERS = {

@@ -198,8 +198,11 @@ def longlora_s2(q, k, v, group_size):
 
 
 def make_longlora(shape, device, q, k, v, do):
+    # What each of longlora_s2's SDPA calls sees: Hq heads (k/v repeated), G tokens.
+    group = q[:, :, :shape.G]
+    backend = common.sdpa_choice(group, group, group, is_causal=True)
     return (lambda q, k, v: longlora_s2(q, k, v, shape.G), s2_pattern(shape),
-            'mode="s2", no sinks; GQA by repeat; SDPA backend auto')
+            f'mode="s2", no sinks; GQA by repeat; SDPA backend (auto) {backend}')
 
 
 def make_sdpa(shape, device, q, k, v, do):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sinklora
 from sinklora.sf_attn import dense_mask, sf_attention_reference
 from sinklora.sf_attn.params import check_args
 
@@ -14,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import h2o_decode as h2o_bench  # noqa: E402
 import run_all  # noqa: E402
 import sf_attn as sf_bench  # noqa: E402
 import tune_sf  # noqa: E402
@@ -53,6 +55,47 @@ def test_gate_rejects_a_wrong_output():
         common.gate("x", [ref.flip(0)], [ref], torch.float32)
     with pytest.raises(common.GateError):
         common.gate("x", [torch.full_like(ref, float("nan"))], [ref], torch.float32)
+
+
+def test_sdpa_choice_names_the_dispatchers_backend(monkeypatch):
+    from torch.nn.attention import SDPBackend
+
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    assert common.sdpa_choice(q, k, k, is_causal=True, enable_gqa=True) in SDPBackend.__members__
+    monkeypatch.delattr(torch, "_fused_sdp_choice")
+    assert common.sdpa_choice(q, k, k) == "not reported by this torch"
+
+
+def test_h2o_prefill_gate_checks_the_scores_and_the_kept_set():
+    shape = h2o_bench.Shape("gqa", 2, 4, 2, 64, 16, torch.float32)
+    ctx = h2o_bench.Context(shape, torch.device("cpu"))
+    check = h2o_bench.make_h2o_prefill(0.5, "torch")(ctx)[2]
+    assert "its kept set the top scores" in check()
+    heavy, recent = h2o_bench.split_budget(shape, 0.5)
+    _, state = sinklora.h2o_prefill(ctx.q_prompt, ctx.k_prompt, ctx.v_prompt,
+                                    heavy_budget=heavy, recent_budget=recent, backend="torch")
+    assert h2o_bench._check_kept(ctx, state, recent) < 1e-6
+    last = state.positions[1, 1]
+    older = last < shape.N - recent
+    # Another (sequence, kv head)'s scores, a kept heavy hitter swapped for the best evicted
+    # token, a recent token swapped for an older one: each is caught.
+    swapped = h2o_bench.clone_state(state)
+    swapped.score_buffer[1, 1] = state.scores[0, 0]
+    with pytest.raises(common.GateError, match="scores of the kept entries"):
+        h2o_bench._check_kept(ctx, swapped, recent)
+    every = sinklora.h2o_prefill(ctx.q_prompt, ctx.k_prompt, ctx.v_prompt,
+                                 heavy_budget=shape.N, recent_budget=0, backend="torch")[1]
+    left = sorted(set(range(shape.N - recent)) - set(last.tolist()))
+    ref = every.scores[1, 1][every.positions[1, 1].argsort()]
+    best_left = max(left, key=lambda p: ref[p].item())
+    worst_kept = min(last[older].tolist(), key=lambda p: ref[p].item())
+    for wrong, match in ((worst_kept, "kept a token of score"), (last.max().item(), "recent")):
+        tampered = h2o_bench.clone_state(state)
+        slot = (last == wrong).nonzero().item()
+        tampered.position_buffer[1, 1, slot] = best_left
+        tampered.score_buffer[1, 1, slot] = ref[best_left]
+        with pytest.raises(common.GateError, match=match):
+            h2o_bench._check_kept(ctx, tampered, recent)
 
 
 def test_cpu_run_writes_complete_rows(tmp_path, capsys):
