@@ -16,7 +16,6 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from sinklora.sf_attn import dense_mask  # noqa: E402
-from sinklora.sf_attn.params import check_args  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Cell kinds, in colormap order.
@@ -27,11 +26,8 @@ COLORS = ("#f4f4f4", "#3b6fb6", "#e8902a", "#d62728")
 def head_masks(n, group_size, num_sink, mode):
     """``[2, n, n]`` int cell kinds (indices into ``KINDS``) for head 0 (unshifted) and head 1
     (shifted)."""
-    # Two query heads, the last one shifted; meta tensors carry the shape without data.
-    q = torch.empty(1, 2, n, 16, device="meta")
-
-    def mask(sinks):
-        return dense_mask(check_args(q, q, q, group_size, sinks, 1, mode, None))
+    def mask(sinks):  # two query heads, the last one shifted
+        return dense_mask(n, 2, group_size=group_size, num_sink=sinks, shift_heads=1, mode=mode)
 
     visible, without_sinks = mask(num_sink), mask(0)
     future = torch.ones(n, n, dtype=torch.bool).triu(1)

@@ -5,12 +5,24 @@ the package exists to avoid.
 """
 import torch
 
-from .params import check_args
+from .params import _int_arg, check_args
 from .pattern import plain
 
 
-def dense_mask(p, device=None):
-    """``[Hq, N, N]`` bool: ``mask[h, i, j]`` is True when query ``i`` of head ``h`` sees key ``j``."""
+def dense_mask(seq_len, num_heads, *, group_size, num_sink=4, shift_heads=None, mode="sf",
+               device=None):
+    """The SF-Attn pattern as ``[num_heads, seq_len, seq_len]`` bool: ``mask[h, i, j]`` is True
+    when query ``i`` of head ``h`` sees key ``j``. The pattern arguments are
+    :func:`~sinklora.sf_attention`'s, with the same defaults and checks."""
+    for name, value in (("seq_len", seq_len), ("num_heads", num_heads)):
+        if _int_arg(name, value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    shape = torch.empty(1, num_heads, seq_len, 1, device="meta")  # a shape without data
+    return _mask(check_args(shape, shape, shape, group_size, num_sink, shift_heads, mode, None),
+                 device)
+
+
+def _mask(p, device):
     i = torch.arange(p.seq_len, device=device)[:, None]
     j = torch.arange(p.seq_len, device=device)[None, :]
     masks = []
@@ -31,5 +43,5 @@ def sf_attention_reference(q, k, v, *, group_size, num_sink=4, shift_heads=None,
     k64 = k64.repeat_interleave(rep, dim=1)
     v64 = v64.repeat_interleave(rep, dim=1)
     scores = (q64 @ k64.transpose(-1, -2)) * p.softmax_scale
-    scores = scores.masked_fill(~dense_mask(p, q.device), float("-inf"))
+    scores = scores.masked_fill(~_mask(p, q.device), float("-inf"))
     return torch.softmax(scores, dim=-1) @ v64

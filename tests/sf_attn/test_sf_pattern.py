@@ -40,7 +40,8 @@ def spec_visible(i, j, shifted, n, group_size, num_sink, mode):
 def pattern(request):
     hq, n, group_size, num_sink, shift_heads, mode = request.param
     p = pattern_params(hq, n, group_size, num_sink, shift_heads, mode)
-    return p, dense_mask(p)
+    return p, dense_mask(n, hq, group_size=group_size, num_sink=num_sink,
+                         shift_heads=shift_heads, mode=mode)
 
 
 def test_mask_equals_the_spec_formulas(pattern):
@@ -83,13 +84,32 @@ def test_only_shifted_s2_heads_see_the_future_and_only_across_the_wrap(pattern):
 
 
 def test_unshifted_heads_are_the_same_in_both_modes():
-    sf = dense_mask(pattern_params(4, 48, 12, 4, 2, "sf"))
-    s2 = dense_mask(pattern_params(4, 48, 12, 4, 2, "s2"))
+    sf = dense_mask(48, 4, group_size=12, num_sink=4, shift_heads=2, mode="sf")
+    s2 = dense_mask(48, 4, group_size=12, num_sink=4, shift_heads=2, mode="s2")
     assert torch.equal(sf[:2], s2[:2])
     assert not torch.equal(sf[2:], s2[2:])
 
 
 def test_shifted_heads_are_the_last_ones():
-    mask = dense_mask(pattern_params(4, 32, 8, 0, 1, "sf"))
+    mask = dense_mask(32, 4, group_size=8, num_sink=0, shift_heads=1)
     assert torch.equal(mask[0], mask[1]) and torch.equal(mask[1], mask[2])
     assert not torch.equal(mask[2], mask[3])
+
+
+def test_defaults_are_sf_attentions():
+    """group_size is required; 4 sinks, half the heads shifted and "sf" by default."""
+    assert torch.equal(dense_mask(40, 4, group_size=8),
+                       dense_mask(40, 4, group_size=8, num_sink=4, shift_heads=2, mode="sf"))
+
+
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((0, 2), {"group_size": 8}, ValueError, "seq_len must be >= 1"),
+    ((16, 0), {"group_size": 8}, ValueError, "num_heads must be >= 1"),
+    ((16.0, 2), {"group_size": 8}, TypeError, "seq_len must be an int"),
+    ((16, 2), {"group_size": 7}, ValueError, "group_size"),
+    ((16, 2), {"group_size": 8, "shift_heads": 3}, ValueError, "shift_heads"),
+    ((18, 2), {"group_size": 8, "mode": "s2"}, ValueError, "multiple of group_size"),
+])
+def test_bad_arguments_name_themselves(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        dense_mask(*args, **kwargs)
