@@ -295,6 +295,8 @@ def _check_kept(ctx, state, recent):
                                f"H2O's by rel. error {err:.2e}")
     is_kept = torch.zeros(n, dtype=torch.bool, device=kept.device)
     is_kept[kept] = True
+    if int(is_kept.sum()) != kept.numel():
+        raise common.GateError("h2o prefill: a position is stored twice")
     if not is_kept[n - recent:].all():
         raise common.GateError(f"h2o prefill: the {recent} most recent tokens are not all kept")
     older, older_kept = ref[:n - recent], is_kept[:n - recent]

@@ -92,6 +92,12 @@ def test_h2o_prefill_gate_checks_the_scores_and_the_kept_set():
         tampered.score_buffer[1, 1, slot] = ref[best_left]
         with pytest.raises(common.GateError, match=match):
             h2o_bench._check_kept(ctx, tampered, recent)
+    twice = h2o_bench.clone_state(state)
+    slot, other = (last == worst_kept).nonzero().item(), (last != worst_kept).nonzero()[0].item()
+    twice.position_buffer[1, 1, slot] = last[other]
+    twice.score_buffer[1, 1, slot] = state.scores[1, 1, other]
+    with pytest.raises(common.GateError, match="stored twice"):
+        h2o_bench._check_kept(ctx, twice, recent)
 
 
 def test_cpu_run_writes_complete_rows(tmp_path, capsys):
