@@ -13,9 +13,11 @@ def dense_mask(seq_len, num_heads, *, group_size, num_sink=4, shift_heads=None, 
                device=None):
     """The SF-Attn pattern as ``[num_heads, seq_len, seq_len]`` bool: ``mask[h, i, j]`` is True
     when query ``i`` of head ``h`` sees key ``j``. The pattern arguments are
-    :func:`~sinklora.sf_attention`'s, with the same defaults and checks."""
+    :func:`~sinklora.sf_attention`'s, with the same defaults and checks; the mask is made on
+    ``device`` (default: the CPU)."""
+    seq_len, num_heads = _int_arg("seq_len", seq_len), _int_arg("num_heads", num_heads)
     for name, value in (("seq_len", seq_len), ("num_heads", num_heads)):
-        if _int_arg(name, value) < 1:
+        if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     shape = torch.empty(1, num_heads, seq_len, 1, device="meta")  # a shape without data
     return _mask(check_args(shape, shape, shape, group_size, num_sink, shift_heads, mode, None),
