@@ -8,7 +8,8 @@ The attention function dispatches, per call:
 1. an ``H2OCache`` bound to this layer -> H2O prefill / decode (``sinklora.h2o``);
 2. module in training mode, keys are exactly this call's tokens -> SF-Attn
    (``sinklora.sf_attention``, Triton kernels on CUDA, the PyTorch fallback elsewhere);
-3. otherwise -> full causal attention (SDPA).
+3. otherwise -> full causal attention (SDPA); after cached keys, queries attend to the keys
+   up to their own position (a ``q_len x kv_len`` bool mask when there are several queries).
 
 In cases 2 and 3 without cached keys, a padded or packed batch is split into documents (the
 real tokens of a row, cut where ``position_ids`` do not continue by +1, as
@@ -190,7 +191,8 @@ def sinklora_attention_forward(module, query, key, value, attention_mask, scalin
     if q_len > 1 and position_ids is not None and _restarts(position_ids).any():
         raise ValueError("packed sequences (position_ids restarting) are supported only without "
                          "cached keys; run packed batches without past_key_values")
-    return sdpa_attention_forward(module, query, key, value, _sdpa_mask(attention_mask, query),
+    return sdpa_attention_forward(module, query, key, value,
+                                  _sdpa_mask(attention_mask, query, kv_len),
                                   dropout=dropout, scaling=scaling, **kwargs)
 
 
@@ -299,12 +301,17 @@ def _attend_per_document(attend, query, key, value, padding_mask, position_ids):
     return out.index_put((torch.cat(all_rows), torch.cat(all_cols)), torch.cat(outs))
 
 
-def _sdpa_mask(padding_mask, query):
-    """2-D padding mask -> the boolean 4-D mask SDPA wants (``q_len x kv_len``: decoding only)."""
-    if padding_mask is None:
+def _sdpa_mask(padding_mask, query, kv_len):
+    """The boolean 4-D mask SDPA wants for queries after cached keys: the last ``q_len`` of
+    ``kv_len`` positions, each seeing the keys up to its own, pads excluded (``q_len x kv_len``;
+    ``None`` for one unpadded query). SDPA's own ``is_causal`` aligns the queries with the
+    first keys instead, which is wrong as soon as more than one query follows cached keys."""
+    q_len = query.shape[-2]
+    if padding_mask is None and q_len == 1:
         return None
-    q_len, kv_len = query.shape[-2], padding_mask.shape[-1]
-    causal = padding_mask.new_ones(q_len, kv_len).tril(kv_len - q_len)
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    if padding_mask is None:
+        return causal[None, None]
     return causal[None, None] & padding_mask[:, None, None, :].bool()
 
 

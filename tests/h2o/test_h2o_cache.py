@@ -153,10 +153,11 @@ def test_left_padded_batch_generates_like_each_sequence_alone(backend, device):
 
 
 def test_forward_loop_without_generate(device):
-    """Manual forward calls: a prompt, then one token at a time and a two-token chunk."""
+    """Manual forward calls: a prompt, then one token at a time and a two-token chunk. With a
+    budget above the tokens seen every step's logits equal DynamicCache's."""
     model = tiny_model().to(device)
     ids, _ = prompts([10], device)
-    cache = H2OCache(heavy_budget=3, recent_budget=2, num_sink=1, backend="torch")
+    cache = H2OCache(heavy_budget=10, recent_budget=4, backend="torch")
     reference = DynamicCache()
     with torch.no_grad():
         model(ids, past_key_values=cache)
@@ -164,10 +165,29 @@ def test_forward_loop_without_generate(device):
         for step in range(3):
             token = torch.randint(1, 256, (1, 1 + (step == 2)), device=device)
             logits = model(token, past_key_values=cache).logits
-            model(token, past_key_values=reference)
+            assert rel_err(logits, model(token, past_key_values=reference).logits) < 1e-5
     assert cache.get_seq_length() == reference.get_seq_length() == 14
-    assert all(layer.positions.shape == (1, NUM_KV_HEADS, 6) for layer in cache.layers)
-    assert torch.isfinite(logits).all()
+    assert all(layer.positions.shape == (1, NUM_KV_HEADS, 14) for layer in cache.layers)
+
+
+def test_a_chunk_after_the_prompt_is_two_single_steps(device):
+    """At a small budget a two-token forward leaves the cache as two one-token forwards do."""
+    model = tiny_model().to(device)
+    ids, _ = prompts([10], device)
+    chunk = torch.randint(1, 256, (1, 2), device=device)
+    caches = [H2OCache(heavy_budget=3, recent_budget=2, num_sink=1, backend="torch")
+              for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, past_key_values=cache)
+        together = model(chunk, past_key_values=caches[0]).logits
+        apart = torch.cat([model(chunk[:, i:i + 1], past_key_values=caches[1]).logits
+                           for i in range(2)], 1)
+    assert rel_err(together, apart) < 1e-6
+    for one, other in zip(*(cache.layers for cache in caches)):
+        assert one.positions.shape == (1, NUM_KV_HEADS, 6)
+        assert torch.equal(one.positions, other.positions)
+        assert rel_err(one.scores, other.scores) < 1e-6
 
 
 def test_reorder_and_select_move_every_tensor_together(device):

@@ -33,7 +33,27 @@ def test_generate_equals_sdpa_left_padded():
     assert rel_err(scores[1:], alone_scores) < 1e-5
 
 
-@pytest.mark.skipif(not hasattr(sinklora, "H2OCache"), reason="sinklora.H2OCache not built yet")
+@pytest.mark.parametrize("padded", [False, True])
+def test_several_tokens_after_cached_keys_equal_sdpa(padded):
+    """A multi-token forward on a filled DynamicCache (a second turn, assisted decoding): each
+    new query sees the keys up to its own position, as with SDPA."""
+    from transformers import DynamicCache
+
+    model = build("llama", "sinklora").eval()
+    prompt, more = torch.randint(1, 256, (2, 10)), torch.randint(1, 256, (2, 5))
+    mask = torch.ones(2, 15, dtype=torch.long)
+    if padded:
+        mask[1, :4] = 0
+    logits = {}
+    for attn in ("sinklora", "sdpa"):
+        model.set_attn_implementation(attn)
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(prompt, attention_mask=mask[:, :10], past_key_values=cache)
+            logits[attn] = model(more, attention_mask=mask, past_key_values=cache).logits
+    assert rel_err(logits["sinklora"], logits["sdpa"]) < 1e-5
+
+
 def test_h2o_full_budget_equals_default_generate():
     model = build("llama", "sinklora").eval()
     input_ids = torch.randint(0, 256, (2, 24))
