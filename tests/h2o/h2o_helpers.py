@@ -49,7 +49,8 @@ def recorded_attention(monkeypatch):
 
 class Oracle:
     """The spec (``docs/spec/h2o.md``) for one attention layer, literally: per sequence and kv
-    head a Python list of entries ``[pos, acc, key, value]``, float64, one query at a time."""
+    head a Python list of entries ``[pos, acc, key, value]``, float64, one query at a time.
+    ``prefill`` / ``decode`` return the attention output of the real queries (pad queries: 0)."""
 
     def __init__(self, heavy_budget, recent_budget, num_sink, scale):
         self.heavy, self.recent, self.sink = heavy_budget, recent_budget, num_sink
@@ -59,14 +60,19 @@ class Oracle:
         self.seen = None  # real tokens seen per sequence
 
     def _attend(self, b, g, queries):
-        """Adds the probabilities of ``queries`` (``[R, D]``) over the real entries to acc."""
+        """Adds the probabilities of ``queries`` (``[R, D]``) over the real entries to acc;
+        returns their outputs ``[R, D]``."""
         entries = self.entries[b][g]
         real = [e for e in entries if e[0] >= 0]
         keys = torch.stack([e[2] for e in real])
+        values = torch.stack([e[3] for e in real])
+        outs = []
         for q in queries:
             p = torch.softmax(keys @ q * self.scale, 0)
+            outs.append(p @ values)
             for e, pj in zip(real, p.tolist()):
                 e[1] += pj
+        return torch.stack(outs)
 
     def _protected(self, b, e):
         return e[0] >= 0 and (e[0] < self.sink or e[0] >= self.seen[b] - self.recent)
@@ -78,6 +84,7 @@ class Oracle:
         num_kv = k.shape[1]
         group = num_heads // num_kv
         real = torch.ones(batch, n, dtype=torch.bool) if real is None else real.cpu()
+        out = torch.zeros_like(q)
         self.seen = [0] * batch
         self.entries = [[[] for _ in range(num_kv)] for _ in range(batch)]
         for b in range(batch):
@@ -88,7 +95,8 @@ class Oracle:
                     self.entries[b][g].append([pos, 0.0, k[b, g, i], v[b, g, i]])
                     if real[b, i]:
                         # The list holds tokens 0..i: query i sees exactly the causal prefix.
-                        self._attend(b, g, q[b, g * group:(g + 1) * group, i])
+                        heads = slice(g * group, (g + 1) * group)
+                        out[b, heads, i] = self._attend(b, g, q[b, heads, i])
             for g in range(num_kv):
                 entries = self.entries[b][g]
                 if len(entries) > self.total:
@@ -96,6 +104,7 @@ class Oracle:
                     rest = sorted((e for e in entries if not self._protected(b, e)),
                                   key=lambda e: (e[0] >= 0, e[1], e[0]), reverse=True)
                     self.entries[b][g] = keep + rest[: self.total - len(keep)]
+        return out
 
     def decode(self, q, k, v, real):
         """q ``[B, Hq, D]``, k/v ``[B, Hkv, D]``, real ``[B]`` bool or None."""
@@ -103,6 +112,7 @@ class Oracle:
         batch, num_heads, _ = q.shape
         num_kv = k.shape[1]
         group = num_heads // num_kv
+        out = torch.zeros_like(q)
         for b in range(batch):
             is_real = True if real is None else bool(real[b])
             pos = self.seen[b] if is_real else -1
@@ -111,12 +121,14 @@ class Oracle:
                 entries = self.entries[b][g]
                 entries.append([pos, 0.0, k[b, g], v[b, g]])
                 if is_real:  # a pad's query, like a pad's key, adds nothing to any score
-                    self._attend(b, g, q[b, g * group:(g + 1) * group])
+                    heads = slice(g * group, (g + 1) * group)
+                    out[b, heads] = self._attend(b, g, q[b, heads])
                 if len(entries) > self.total:
                     candidates = [e for e in entries if not self._protected(b, e)]
                     # Pads first, then the smallest acc, ties to the smallest position.
                     victim = min(candidates, key=lambda e: (e[0] >= 0, e[1], e[0]))
                     entries.remove(victim)
+        return out
 
     def kept(self):
         """``[B][Hkv]`` sorted real positions, and ``[B][Hkv]`` number of pads, stored."""

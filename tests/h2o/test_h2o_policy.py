@@ -1,11 +1,12 @@
 """The eviction policy of both backends, through the functional ops ``h2o_prefill`` /
-``h2o_decode``: step by step against a literal transcription of the spec (``Oracle``), and the
-rules one at a time on hand-made states (ties, pads, protected entries, the new entry leaving).
+``h2o_decode``: kept entries, scores and outputs step by step against a literal transcription
+of the spec (``Oracle``), and the rules one at a time on hand-made states (ties, pads,
+protected entries, the new entry leaving).
 """
 import pytest
 import torch
 
-from h2o_helpers import Oracle, assert_matches_oracle
+from h2o_helpers import TOL, Oracle, assert_matches_oracle, rel_err
 from sinklora.h2o import H2OState, h2o_decode, h2o_prefill
 
 BATCH, HQ, HKV, D = 2, 4, 2, 16
@@ -56,16 +57,20 @@ def test_kept_entries_follow_the_spec_step_by_step(case, backend, device):
     oracle = Oracle(heavy, recent, sink, scale)
 
     out, state = h2o_prefill(q, k, v, padding_mask=real, backend=backend, **budget)
-    oracle.prefill(q, k, v, real)
+    want = oracle.prefill(q, k, v, real)
     assert out.shape == q.shape
+    err = rel_err(out.transpose(1, 2)[real], want.transpose(1, 2)[real.cpu()].to(device))
+    assert err <= TOL[dtype], f"prefill output off by {err:.3g}"
     assert_matches_oracle(oracle, state.positions, state.scores, SCORE_TOL[backend], "prefill")
     assert_invariants(state, total, n, sink, recent, "prefill")
     for step in range(steps[backend == "triton"]):
         qn, kn, vn = (t[:, :, 0] for t in random_qkv(1, dtype, device))
         out, state = h2o_decode(qn, state, kn, vn, backend=backend, **budget)
-        oracle.decode(qn, kn, vn, None)
+        want = oracle.decode(qn, kn, vn, None)
         assert out.shape == qn.shape
         what = f"decode step {step}"
+        err = rel_err(out, want.to(device))  # over the entries kept after earlier evictions
+        assert err <= TOL[dtype], f"{what}: output off by {err:.3g}"
         assert_matches_oracle(oracle, state.positions, state.scores, SCORE_TOL[backend], what)
         assert_invariants(state, total, n + step + 1, sink, recent, what)
     assert state.capacity == total, "storage is allocated for the budget, not for the stream"
