@@ -345,6 +345,8 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
     if out is None:
         out = torch.empty_like(query)
     has_new_real = new_real is not None
+    if has_new_real:  # the kernels read flag b at NEW_REAL + b; a column mask[:, t] is strided
+        new_real = new_real.contiguous()
     if has_new_real and new_real.dtype == torch.bool:
         new_real = new_real.view(torch.uint8)
     new_real_arg = new_real if has_new_real else next_position  # never read without the flag

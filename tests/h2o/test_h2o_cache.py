@@ -170,47 +170,54 @@ def test_forward_loop_without_generate(device):
     assert all(layer.positions.shape == (1, NUM_KV_HEADS, 14) for layer in cache.layers)
 
 
-def test_a_chunk_after_the_prompt_is_two_single_steps(device):
-    """At a small budget a two-token forward leaves the cache as two one-token forwards do."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_chunk_after_the_prompt_is_two_single_steps(backend, device):
+    """At a small budget a two-token forward leaves the cache as two one-token forwards do,
+    each token with its own pad flag: the chunk's mask marks row 0's second token a pad."""
     model = tiny_model().to(device)
-    ids, _ = prompts([10], device)
-    chunk = torch.randint(1, 256, (1, 2), device=device)
-    caches = [H2OCache(heavy_budget=3, recent_budget=2, num_sink=1, backend="torch")
+    ids, mask = prompts([10, 7], device)
+    chunk = torch.randint(1, 256, (2, 2), device=device)
+    mask = torch.cat([mask, torch.tensor([[1, 0], [1, 1]], device=device)], 1)
+    caches = [H2OCache(heavy_budget=3, recent_budget=2, num_sink=1, backend=backend)
               for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
-            model(ids, past_key_values=cache)
-        together = model(chunk, past_key_values=caches[0]).logits
-        apart = torch.cat([model(chunk[:, i:i + 1], past_key_values=caches[1]).logits
-                           for i in range(2)], 1)
-    assert rel_err(together, apart) < 1e-6
+            model(ids, attention_mask=mask[:, :10], past_key_values=cache)
+        together = model(chunk, attention_mask=mask, past_key_values=caches[0]).logits
+        apart = torch.cat([model(chunk[:, i:i + 1], attention_mask=mask[:, :11 + i],
+                                 past_key_values=caches[1]).logits for i in range(2)], 1)
+    assert rel_err(together, apart) < 1e-5
     for one, other in zip(*(cache.layers for cache in caches)):
-        assert one.positions.shape == (1, NUM_KV_HEADS, 6)
+        assert one.state.next_position.tolist() == [11, 9]  # real tokens seen
+        assert one.positions.shape == (2, NUM_KV_HEADS, 6)
         assert torch.equal(one.positions, other.positions)
-        assert rel_err(one.scores, other.scores) < 1e-6
+        assert rel_err(one.scores, other.scores) < 1e-5
 
 
 def test_reorder_and_select_move_every_tensor_together(device):
     model = tiny_model().to(device)
-    ids, _ = prompts([12, 12, 12], device)
+    ids, _ = prompts([12, 12, 12], device)  # three different sequences
     cache = H2OCache(heavy_budget=3, recent_budget=2, backend="torch")
     with torch.no_grad():
         model(ids, past_key_values=cache)
     layer = cache.layers[1]
-    before = [t.clone() for t in (layer.keys, layer.values, layer.positions, layer.scores,
-                                  layer.state.next_position)]
+
+    def tensors():
+        return (layer.keys, layer.values, layer.positions, layer.scores,
+                layer.state.next_position)
+
+    before = [t.clone() for t in tensors()]
+
+    def assert_rows(rows):
+        for old, new in zip(before, tensors()):
+            assert torch.equal(new, old[rows])
+
     cache.reorder_cache(torch.tensor([2, 0, 0]))
-    after = (layer.keys, layer.values, layer.positions, layer.scores, layer.state.next_position)
-    for old, new in zip(before, after):
-        assert torch.equal(new, old[[2, 0, 0]])
-    cache.batch_select_indices(torch.tensor([0]))
-    after = (layer.keys, layer.values, layer.positions, layer.scores, layer.state.next_position)
-    for old, new in zip(before, after):
-        assert torch.equal(new, old[[2]])
-    cache.batch_repeat_interleave(2)
-    after = (layer.keys, layer.values, layer.positions, layer.scores, layer.state.next_position)
-    for old, new in zip(before, after):
-        assert torch.equal(new, old[[2, 2]])
+    assert_rows([2, 0, 0])
+    cache.batch_repeat_interleave(2)  # each sequence repeated in place, not the batch tiled
+    assert_rows([2, 2, 0, 0, 0, 0])
+    cache.batch_select_indices(torch.tensor([1, 2]))
+    assert_rows([2, 0])
 
 
 def test_other_attention_implementation_raises_at_the_first_step(device):

@@ -19,9 +19,21 @@ SCALE = D ** -0.5
 DTYPE_IDS = [str(dt)[6:] for dt in KERNEL_DTYPES]
 
 
-def left_padding(n, pads, device):
-    """``[B, n]`` bool: sequence b starts with ``pads[b]`` pad tokens."""
-    return torch.arange(n, device=device)[None, :] >= torch.tensor(pads, device=device)[:, None]
+PAD_LAYOUTS = {
+    # name: [(sequence, first pad, end of the pads), ...]
+    "unpadded": [],
+    "left-padded": [(1, 0, 7)],
+    # A pad query after real keys sees them; its probabilities must still add to no score.
+    "right-and-middle-padded": [(0, 50, 70), (1, 20, 27)],
+}
+
+
+def padding(n, layout, device):
+    """``[B, n]`` bool (False = pad) for a layout of ``PAD_LAYOUTS``; ``None`` when unpadded."""
+    real = torch.ones(BATCH, n, dtype=torch.bool, device=device)
+    for b, start, stop in PAD_LAYOUTS[layout]:
+        real[b, start:stop] = False
+    return real if PAD_LAYOUTS[layout] else None
 
 
 def dense_prefill(q, k, v, real):
@@ -39,13 +51,14 @@ def dense_prefill(q, k, v, real):
     return out, acc.view(q.shape[0], -1, group, n).sum(2)
 
 
-@pytest.mark.parametrize("pads", [(0, 0), (0, 7)], ids=["unpadded", "left-padded"])
-def test_prefill_torch_matches_dense_attention(pads, device):
+@pytest.mark.parametrize("layout", PAD_LAYOUTS)
+def test_prefill_torch_matches_dense_attention(layout, device):
     n = 70
     q = torch.randn(BATCH, HQ, n, D, device=device, dtype=torch.float64) * 2
     k, v = (torch.randn(BATCH, HKV, n, D, device=device, dtype=torch.float64) for _ in range(2))
-    real = left_padding(n, pads, device)
-    out, acc = prefill_torch(q, k, v, real if any(pads) else None, SCALE)
+    mask = padding(n, layout, device)
+    out, acc = prefill_torch(q, k, v, mask, SCALE)
+    real = torch.ones(BATCH, n, dtype=torch.bool, device=device) if mask is None else mask
     want_out, want_acc = dense_prefill(q, k, v, real)
     assert rel_err(out, want_out) <= TOL[torch.float64]
     assert rel_err(acc, want_acc) <= TOL[torch.float64]
@@ -55,12 +68,12 @@ def test_prefill_torch_matches_dense_attention(pads, device):
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("pads", [(0, 0), (5, 0)], ids=["unpadded", "left-padded"])
-def test_prefill_kernels_match_torch(dtype, pads, device):
+@pytest.mark.parametrize("layout", PAD_LAYOUTS)
+def test_prefill_kernels_match_torch(dtype, layout, device):
     n = 70  # two 64-token blocks, the second partial
     q = (torch.randn(BATCH, HQ, n, D, device=device) * 2).to(dtype)
     k, v = (torch.randn(BATCH, HKV, n, D, device=device).to(dtype) for _ in range(2))
-    real = left_padding(n, pads, device) if any(pads) else None
+    real = padding(n, layout, device)
     out = torch.full((BATCH, n, HQ, D), float("nan"), device=device, dtype=dtype)
     out, acc = h2o_prefill_fwd(q, k, v, real, SCALE, out=out)
     want_out, want_acc = prefill_torch(q.double(), k.double(), v.double(), real, SCALE)
@@ -136,8 +149,9 @@ def test_decode_kernels_match_torch(case, num_splits, dtype, device):
 
 def test_decode_kernels_take_strided_views(device):
     """transformers hands the step views of ``[B, 1, H, D]`` tensors and the output is a view
-    of ``[B, q_len, Hq, D]``; an input whose last dim is strided is copied first. Same result
-    as contiguous tensors, bit for bit."""
+    of ``[B, q_len, Hq, D]``; an input whose last dim is strided is copied first; the pad flags
+    of a chunk's token are a column of its ``[B, q_len]`` mask. Same result as contiguous
+    tensors, bit for bit."""
     budget = H2OBudget(heavy_budget=120, recent_budget=6, num_sink=4)
     state = random_state(130, 130, [300, 200], (1, 0), torch.float32, device)
     twin = H2OState(*(t.clone() for t in state.buffers[:4]), state.length,
@@ -146,15 +160,20 @@ def test_decode_kernels_take_strided_views(device):
     k_new = torch.randn(BATCH, HKV, 2 * D, device=device)[..., ::2]  # last-dim stride 2
     v_new = torch.randn(BATCH, 1, HKV, D, device=device).transpose(1, 2)[:, :, 0]
     out = torch.full((BATCH, 3, HQ, D), float("nan"), device=device)[:, 1]
+    # Read as if contiguous, this column would say that both new tokens are pads.
+    new_real = torch.tensor([[True, False], [False, True]], device=device)[:, 1]
     assert q.stride(-1) == 1 and k_new.stride(-1) == 2 and out.stride(0) == 3 * HQ * D
+    assert new_real.stride(0) == 2
 
-    def step(st, q, k_new, v_new, out):
+    def step(st, q, k_new, v_new, new_real, out):
         return h2o_decode_fwd(q, k_new, v_new, *st.buffers, 130, budget.total,
-                              budget.recent_budget, budget.num_sink, SCALE, out=out,
-                              num_splits=3)
+                              budget.recent_budget, budget.num_sink, SCALE, new_real=new_real,
+                              out=out, num_splits=3)
 
-    got = step(state, q, k_new, v_new, out)
-    want = step(twin, q.contiguous(), k_new.contiguous(), v_new.contiguous(), None)
+    got = step(state, q, k_new, v_new, new_real, out)
+    want = step(twin, q.contiguous(), k_new.contiguous(), v_new.contiguous(),
+                new_real.contiguous(), None)
+    assert twin.next_position.tolist() == [300, 201]
     assert got.data_ptr() == out.data_ptr()
     assert torch.equal(got, want)
     for mine, theirs in zip(state.buffers, twin.buffers):

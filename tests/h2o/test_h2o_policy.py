@@ -36,10 +36,13 @@ def assert_invariants(state, budget_total, seen, num_sink, recent_budget, what):
 
 
 POLICY_CASES = {
-    # name: (heavy, recent, sink, prompt length, pads of sequence 1, decode steps (torch, triton))
-    "sinklora-padded": (4, 3, 2, 20, 6, (14, 5)),
-    "pure-h2o": (5, 0, 0, 12, 0, (10, 4)),
-    "grows-then-evicts": (6, 4, 1, 7, 3, (10, 7)),
+    # name: (heavy, recent, sink, prompt length, pads [(sequence, start, stop)],
+    #        decode steps (torch, triton))
+    "sinklora-padded": (4, 3, 2, 20, [(1, 0, 6)], (14, 5)),
+    "pure-h2o": (5, 0, 0, 12, [], (10, 4)),
+    "grows-then-evicts": (6, 4, 1, 7, [(1, 0, 3)], (10, 7)),
+    # Pad queries that see real keys (not generate()'s layout, but the op takes any mask).
+    "right-and-middle-pads": (4, 3, 2, 24, [(0, 8, 12), (1, 15, 24)], (6, 3)),
 }
 
 
@@ -53,7 +56,8 @@ def test_kept_entries_follow_the_spec_step_by_step(case, backend, device):
     scale = D ** -0.5
     q, k, v = random_qkv(n, dtype, device)
     real = torch.ones(BATCH, n, dtype=torch.bool, device=device)
-    real[1, :pads] = False
+    for b, start, stop in pads:
+        real[b, start:stop] = False
     oracle = Oracle(heavy, recent, sink, scale)
 
     out, state = h2o_prefill(q, k, v, padding_mask=real, backend=backend, **budget)
@@ -89,13 +93,14 @@ def hand_state(positions, scores, next_position, device, same_keys=False):
                     torch.tensor([next_position], device=device))
 
 
-def decode_one(state, budget, backend, device, new_key=None, new_real=None):
-    """A decode step of a one-sequence state; returns the new token's key."""
+def decode_one(state, budget, backend, device, new_key=None, new_real=None, query=None):
+    """A decode step of a one-sequence state (random query unless given); returns the new
+    token's key."""
     if backend == "triton":
         state = H2OState(*(t.float() if t.is_floating_point() else t for t in state.buffers[:4]),
                          state.length, state.next_position)
     dtype = state.key_buffer.dtype
-    q = torch.randn(1, 2, D, device=device, dtype=dtype)
+    q = torch.randn(1, 2, D, device=device, dtype=dtype) if query is None else query.to(dtype)
     k = torch.randn(1, 1, D, device=device, dtype=dtype) if new_key is None else new_key.to(dtype)
     v = torch.randn(1, 1, D, device=device, dtype=dtype)
     mask = None if new_real is None else torch.tensor([new_real], device=device)
@@ -112,6 +117,21 @@ def test_ties_evict_the_smallest_position(backend, device):
     state, _ = decode_one(state, budget, backend, device, new_key=state.key_buffer[:, :, 0])
     # Protected: sink 0, newest 10. Candidates 9, 4, 7, 2, 8 tie: 2 (slot 4) leaves.
     assert state.positions[0, 0].tolist() == [0, 9, 4, 7, 10, 8]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pad_leaves_before_a_real_entry_scoring_exactly_zero(backend, device):
+    # Slots 0-5 hold positions 0, 1, 2, pad, 3, 4; the query gives position 2 probability 0
+    # (underflow), so it scores 0 like the pad: being real, not a positive score, must count.
+    positions = [0, 1, 2, -1, 3, 4]
+    state = hand_state(positions, [1.0, 1.0, 0.0, 0.0, 1.0, 1.0], 5, device)
+    axis = torch.zeros(D, dtype=torch.float64, device=device)
+    axis[0] = 1.0
+    state.key_buffer[0, 0, 2] = -100.0 * axis
+    budget = dict(heavy_budget=4, recent_budget=1, num_sink=1)  # total 6: full
+    state, _ = decode_one(state, budget, backend, device, query=(100.0 * axis).expand(1, 2, D))
+    assert state.scores[0, 0, 2].item() == 0.0, "the setup needs a score of exactly 0"
+    assert state.positions[0, 0].tolist() == [0, 1, 2, 5, 3, 4]  # the new token took the pad's
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -49,6 +49,8 @@ def test_prefill_rejects_bad_tensors():
         h2o_prefill(q, k, v, padding_mask=torch.full((2, 5), 0.5), **BUDGET)
     with pytest.raises(ValueError, match="softmax_scale"):
         h2o_prefill(q, k, v, softmax_scale=-1.0, **BUDGET)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        h2o_prefill(q, k, v, softmax_scale=0.0, **BUDGET)
     with pytest.raises(TypeError, match="softmax_scale"):  # as sf_attention
         h2o_prefill(q, k, v, softmax_scale="0.1", **BUDGET)
     with pytest.raises(ValueError, match="backend"):

@@ -16,19 +16,22 @@ def _generate(model, input_ids, **kwargs):
     return out.sequences[:, input_ids.shape[1]:], torch.stack(out.logits, dim=1)
 
 
-def test_generate_equals_sdpa_left_padded():
+@pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
+def test_generate_equals_sdpa_left_padded(cache):
+    """A StaticCache hands attention all its slots; the padding mask covers the filled ones."""
     model = build("llama", "sinklora", group_size=4).eval()
     input_ids = torch.randint(1, 256, (2, 20))
     mask = torch.ones_like(input_ids)
     mask[1, :7] = 0
     input_ids[1, :7] = 0
-    tokens, scores = _generate(model, input_ids, attention_mask=mask)
+    tokens, scores = _generate(model, input_ids, attention_mask=mask, cache_implementation=cache)
     model.set_attn_implementation("sdpa")
-    sdpa_tokens, sdpa_scores = _generate(model, input_ids, attention_mask=mask)
+    sdpa_tokens, sdpa_scores = _generate(model, input_ids, attention_mask=mask,
+                                         cache_implementation=cache)
     assert torch.equal(tokens, sdpa_tokens)
     assert rel_err(scores, sdpa_scores) < 1e-5
     # and the padded sequence generates what it generates alone
-    alone, alone_scores = _generate(model, input_ids[1:, 7:])
+    alone, alone_scores = _generate(model, input_ids[1:, 7:], cache_implementation=cache)
     assert torch.equal(tokens[1:], alone)
     assert rel_err(scores[1:], alone_scores) < 1e-5
 

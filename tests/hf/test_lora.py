@@ -81,6 +81,10 @@ def test_lora_config_bad_arguments(kwargs, name, error):
         sinklora.lora_config(**kwargs)
 
 
+def test_lora_config_takes_dropout_zero():
+    assert sinklora.lora_config(dropout=0).lora_dropout == 0.0
+
+
 def test_lora_config_takes_any_iterable_of_names():
     """A generator is read once, not used up by the check; no trainable modules: plain LoRA."""
     cfg = sinklora.lora_config(target_modules=(m for m in ("q_proj", "v_proj")),
@@ -115,6 +119,14 @@ def test_extend_context_reads_longlora_checkpoints():
     assert sinklora.extend_context(config, 65536) == 16
     assert config.rope_parameters == {"rope_type": "linear", "factor": 16.0, "rope_theta": 1e4}
     assert config.max_position_embeddings == 4096
+
+
+def test_extend_context_reads_a_linear_factor_of_one():
+    config = LlamaConfig(max_position_embeddings=256,
+                         rope_parameters={"rope_type": "linear", "factor": 1.0, "rope_theta": 1e4})
+    assert sinklora.extend_context(config, 200) == 1.0
+    assert sinklora.extend_context(config, 1000) == 4
+    assert config.rope_parameters == {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}
 
 
 def test_extend_context_interpolates_model_positions():

@@ -135,3 +135,59 @@ def test_inference_mode_matches_no_grad(training):
     with torch.inference_mode():
         got = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_documents_never_continue_across_rows(training):
+    """Row 0 right-padded, row 1 left-padded: with transformers' default position_ids
+    (0..N-1 per row), row 1's first real token continues row 0's last one in position."""
+    model = build("llama", "sinklora", group_size=4, num_sink=2).train(training)
+    docs = [torch.randint(0, 256, (10,)) for _ in range(2)]
+    targets = [torch.randint(0, 256, (10,)) for _ in range(2)]
+    input_ids = torch.zeros(2, 20, dtype=torch.long)
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    index = [(0, slice(0, 10)), (1, slice(10, 20))]
+    for (row, cols), doc in zip(index, docs):
+        input_ids[row, cols], mask[row, cols] = doc, 1
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    _loss(torch.cat([logits[r, c] for r, c in index])[None], torch.cat(targets)[None]).backward()
+    grads = _grads(model)
+    alone_logits, alone_grads = _alone(model, docs, targets)
+    _check(logits.detach(), index, alone_logits, grads, alone_grads)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_position_ids_changed_in_place_are_seen(training):
+    """The document split is cached per forward by tensor identity and version: a buffer of
+    position_ids reused (changed in place) for the next forward must be split anew."""
+    model = build("llama", "sinklora", group_size=4).train(training)
+    ids = torch.randint(1, 256, (1, 12))
+    position_ids = torch.tensor([list(range(7)) + list(range(5))])
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=position_ids, use_cache=False)
+        position_ids[0] = torch.tensor(list(range(4)) + list(range(8)))
+        got = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+        want = model(input_ids=ids, position_ids=position_ids.clone(), use_cache=False).logits
+    assert rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_pad_queries_get_a_zero_output(training):
+    """Not uninitialized memory: NaN there would reach the gradients through 0 * NaN."""
+    model = build("llama", "sinklora", group_size=4).train(training)
+    attn = model.model.layers[0].self_attn
+    q, k, v = torch.randn(2, 4, 10, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, :3] = False
+    mask[0, 8:] = False
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    # Deterministic mode fills new memory with NaN, so an output never written shows.
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        out, _ = hf.sinklora_attention_forward(attn, q, k, v, mask, scaling=0.25)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    assert (out[1, :3] == 0).all() and (out[0, 8:] == 0).all()
+    assert torch.isfinite(out).all()

@@ -73,8 +73,12 @@ def test_compiled_training_step_matches_eager():
 
 
 def test_group_size_rule():
+    """int(N * ratio), then down to even, at least 2: 30 * 0.25 = 7.5 -> 6, never rounded up."""
     settings = hf.sf_settings()
-    assert [hf.group_size_for(settings, n) for n in (4, 8, 37, 40, 4096)] == [2, 2, 8, 10, 1024]
+    assert ([hf.group_size_for(settings, n) for n in (4, 8, 30, 37, 38, 40, 4096)]
+            == [2, 2, 6, 8, 8, 10, 1024])
+    assert hf.group_size_for(hf.sf_settings(group_size_ratio=0.3), 25) == 6  # int(7.5) = 7
+    assert hf.group_size_for(hf.sf_settings(group_size_ratio=1), 37) == 36  # the upper end
     assert hf.group_size_for(hf.sf_settings(group_size=6), 4096) == 6
 
 

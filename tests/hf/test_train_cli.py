@@ -1,6 +1,7 @@
 """``python -m sinklora.train``: a couple of steps of the tiny model on a text file save a usable
 adapter; the corpus pieces and the command line are checked."""
 import json
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -20,7 +21,7 @@ TEXT = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
 def test_train_tiny_saves_adapter(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "sinklora.train", "--tiny", "--data", str(TEXT),
-           "--output-dir", str(out), "--seq-len", "64", "--batch-size", "2", "--steps", "2",
+           "--output-dir", str(out), "--seq-len", "64", "--batch-size", "2", "--steps", "1",
            "--lr", "1e-3", "--warmup-steps", "0", "--group-size", "8"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -30,7 +31,8 @@ def test_train_tiny_saves_adapter(tmp_path):
     assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 16
     weights = load_file(out / "adapter_model.safetensors")
     lora_b = [t for n, t in weights.items() if "lora_B" in n]
-    assert len(lora_b) == 8 and all(t.abs().sum() > 0 for t in lora_b)  # B starts at 0: trained
+    # B starts at 0; one step at the full learning rate (no warmup) moves it.
+    assert len(lora_b) == 8 and all(t.abs().sum() > 0 for t in lora_b)
     assert any("embed_tokens" in n for n in weights) and any("norm" in n for n in weights)
     saved = json.loads((out / "config.json").read_text())
     assert saved["rope_parameters"]["rope_type"] == "default"  # 64 <= the tiny model's 256
@@ -174,6 +176,26 @@ def test_train_s2_at_a_valid_length(tmp_path):
                 "--max-grad-norm", "inf", "--no-gradient-checkpointing", "--device", "cpu"])
     assert json.loads((out / "config.json").read_text())["sinklora"]["mode"] == "s2"
     assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("num_blocks", [4, 2])
+def test_blocks_serve_every_block_once_per_epoch(num_blocks):
+    """Batches of 2 blocks of 3 tokens; 2 blocks is a corpus of exactly one batch. An endless
+    wait for a batch fails after 20 s instead of hanging."""
+    def timeout(signum, frame):
+        raise TimeoutError("no batch within 20 s")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(20)
+    try:
+        batches = train.blocks(torch.arange(3 * num_blocks), 3, 2,
+                               torch.Generator().manual_seed(num_blocks))
+        for _ in range(3):  # epochs
+            rows = sorted(tuple(r) for _ in range(num_blocks // 2) for r in next(batches).tolist())
+            assert rows == [tuple(range(3 * i, 3 * i + 3)) for i in range(num_blocks)]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_corpus(tmp_path):

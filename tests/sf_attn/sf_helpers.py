@@ -62,6 +62,10 @@ CASES = [
     Case(1, 2, 1, 64, 16, 8, 20, None, "sf"),
     Case(1, 2, 2, 33, 128, 8, 4, None, "sf"),
     Case(1, 2, 2, 5, 16, 2, 4, None, "sf"),
+    # The sink run ends one past a sink-block multiple: G = 2 at N = 3, and S = 80 above the
+    # largest sink block (64) with a shifted group starting at 65.
+    Case(1, 2, 2, 3, 16, 2, 4, None, "sf"),
+    Case(1, 2, 1, 70, 16, 10, 80, None, "sf"),
     Case(1, 1, 1, 1, 16, 2, 4, None, "sf"),
     Case(2, 2, 1, 30, 32, 32, 4, None, "sf"),
     Case(1, 4, 2, 23, 16, 64, 0, 4, "sf"),

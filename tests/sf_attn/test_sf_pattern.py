@@ -96,10 +96,12 @@ def test_shifted_heads_are_the_last_ones():
     assert not torch.equal(mask[2], mask[3])
 
 
-def test_defaults_are_sf_attentions():
-    """group_size is required; 4 sinks, half the heads shifted and "sf" by default."""
-    assert torch.equal(dense_mask(40, 4, group_size=8),
-                       dense_mask(40, 4, group_size=8, num_sink=4, shift_heads=2, mode="sf"))
+@pytest.mark.parametrize("num_heads", [1, 3, 4, 5])
+def test_defaults_are_sf_attentions(num_heads):
+    """group_size is required; 4 sinks, Hq // 2 heads shifted and "sf" by default."""
+    assert torch.equal(dense_mask(40, num_heads, group_size=8),
+                       dense_mask(40, num_heads, group_size=8, num_sink=4,
+                                  shift_heads=num_heads // 2, mode="sf"))
 
 
 @pytest.mark.parametrize("args, kwargs, error, match", [

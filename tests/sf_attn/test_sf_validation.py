@@ -54,6 +54,7 @@ BAD_KWARGS = {
     "mode-case": ({"mode": "SF"}, ValueError, r"^mode"),
     "s2-ragged": ({"mode": "s2", "group_size": 6}, ValueError, r'mode="s2".*group_size'),
     "scale-negative": ({"softmax_scale": -0.1}, ValueError, r"^softmax_scale"),
+    "scale-zero": ({"softmax_scale": 0.0}, ValueError, r"^softmax_scale"),
     "scale-nan": ({"softmax_scale": float("nan")}, ValueError, r"^softmax_scale"),
     "scale-str": ({"softmax_scale": "0.1"}, TypeError, r"^softmax_scale"),
 }
