@@ -347,8 +347,8 @@ def h2o_decode_fwd(query, key_new, value_new, keys, values, positions, scores, n
     has_new_real = new_real is not None
     if has_new_real:  # the kernels read flag b at NEW_REAL + b; a column mask[:, t] is strided
         new_real = new_real.contiguous()
-    if has_new_real and new_real.dtype == torch.bool:
-        new_real = new_real.view(torch.uint8)
+        if new_real.dtype == torch.bool:
+            new_real = new_real.view(torch.uint8)
     new_real_arg = new_real if has_new_real else next_position  # never read without the flag
     grid = (programs, num_splits)
     meta = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim,
