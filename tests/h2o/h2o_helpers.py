@@ -47,6 +47,14 @@ def recorded_attention(monkeypatch):
     yield calls
 
 
+def pad_mask(batch, n, pads, device):
+    """``[batch, n]`` bool, False at the pads: ``pads`` lists ``(sequence, start, stop)``."""
+    real = torch.ones(batch, n, dtype=torch.bool, device=device)
+    for b, start, stop in pads:
+        real[b, start:stop] = False
+    return real
+
+
 class Oracle:
     """The spec (``docs/spec/h2o.md``) for one attention layer, literally: per sequence and kv
     head a Python list of entries ``[pos, acc, key, value]``, float64, one query at a time.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_DTYPES
-from h2o_helpers import TOL, rel_err
+from h2o_helpers import TOL, pad_mask, rel_err
 from sinklora.h2o.budget import H2OBudget
 from sinklora.h2o.reference import decode_torch, prefill_torch
 from sinklora.h2o.state import H2OState
@@ -30,10 +30,8 @@ PAD_LAYOUTS = {
 
 def padding(n, layout, device):
     """``[B, n]`` bool (False = pad) for a layout of ``PAD_LAYOUTS``; ``None`` when unpadded."""
-    real = torch.ones(BATCH, n, dtype=torch.bool, device=device)
-    for b, start, stop in PAD_LAYOUTS[layout]:
-        real[b, start:stop] = False
-    return real if PAD_LAYOUTS[layout] else None
+    pads = PAD_LAYOUTS[layout]
+    return pad_mask(BATCH, n, pads, device) if pads else None
 
 
 def dense_prefill(q, k, v, real):
@@ -58,7 +56,7 @@ def test_prefill_torch_matches_dense_attention(layout, device):
     k, v = (torch.randn(BATCH, HKV, n, D, device=device, dtype=torch.float64) for _ in range(2))
     mask = padding(n, layout, device)
     out, acc = prefill_torch(q, k, v, mask, SCALE)
-    real = torch.ones(BATCH, n, dtype=torch.bool, device=device) if mask is None else mask
+    real = pad_mask(BATCH, n, PAD_LAYOUTS[layout], device)
     want_out, want_acc = dense_prefill(q, k, v, real)
     assert rel_err(out, want_out) <= TOL[torch.float64]
     assert rel_err(acc, want_acc) <= TOL[torch.float64]

@@ -6,7 +6,7 @@ protected entries, the new entry leaving).
 import pytest
 import torch
 
-from h2o_helpers import TOL, Oracle, assert_matches_oracle, rel_err
+from h2o_helpers import TOL, Oracle, assert_matches_oracle, pad_mask, rel_err
 from sinklora.h2o import H2OState, h2o_decode, h2o_prefill
 
 BATCH, HQ, HKV, D = 2, 4, 2, 16
@@ -55,15 +55,13 @@ def test_kept_entries_follow_the_spec_step_by_step(case, backend, device):
     dtype = DTYPE[backend]
     scale = D ** -0.5
     q, k, v = random_qkv(n, dtype, device)
-    real = torch.ones(BATCH, n, dtype=torch.bool, device=device)
-    for b, start, stop in pads:
-        real[b, start:stop] = False
+    real = pad_mask(BATCH, n, pads, device)
     oracle = Oracle(heavy, recent, sink, scale)
 
     out, state = h2o_prefill(q, k, v, padding_mask=real, backend=backend, **budget)
     want = oracle.prefill(q, k, v, real)
     assert out.shape == q.shape
-    err = rel_err(out.transpose(1, 2)[real], want.transpose(1, 2)[real.cpu()].to(device))
+    err = rel_err(out.transpose(1, 2)[real], want.transpose(1, 2)[real])
     assert err <= TOL[dtype], f"prefill output off by {err:.3g}"
     assert_matches_oracle(oracle, state.positions, state.scores, SCORE_TOL[backend], "prefill")
     assert_invariants(state, total, n, sink, recent, "prefill")
@@ -73,7 +71,7 @@ def test_kept_entries_follow_the_spec_step_by_step(case, backend, device):
         want = oracle.decode(qn, kn, vn, None)
         assert out.shape == qn.shape
         what = f"decode step {step}"
-        err = rel_err(out, want.to(device))  # over the entries kept after earlier evictions
+        err = rel_err(out, want)  # over the entries kept after earlier evictions
         assert err <= TOL[dtype], f"{what}: output off by {err:.3g}"
         assert_matches_oracle(oracle, state.positions, state.scores, SCORE_TOL[backend], what)
         assert_invariants(state, total, n + step + 1, sink, recent, what)
