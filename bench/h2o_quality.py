@@ -36,6 +36,7 @@ import corpus as corpus_mod
 import paper_results
 import pretrain
 import sinklora
+from sinklora.hf import CACHE_ARG
 
 NAME = "h2o_quality"
 BUDGET_PERCENTS = (100, 50, 20, 10)
@@ -95,7 +96,7 @@ def streaming_position_nll(model, windows, batch_size, split, device, prefill=No
         length = chunk.shape[1]
         prefix = min(prefill, length)
         with pretrain.autocast(device):
-            logits = model(input_ids=chunk[:, :prefix], past_key_values=cache,
+            logits = model(input_ids=chunk[:, :prefix], **{CACHE_ARG: cache},
                            use_cache=True).logits
         sums[:prefix - 1] += pretrain.token_nll(logits[:, :-1], chunk[:, 1:prefix])
         last = logits[:, -1:]
@@ -103,7 +104,7 @@ def streaming_position_nll(model, windows, batch_size, split, device, prefill=No
             sums[t - 1:t] += pretrain.token_nll(last, chunk[:, t:t + 1])
             if t + 1 < length:
                 with pretrain.autocast(device):
-                    last = model(input_ids=chunk[:, t:t + 1], past_key_values=cache,
+                    last = model(input_ids=chunk[:, t:t + 1], **{CACHE_ARG: cache},
                                  use_cache=True).logits[:, -1:]
         _check_kept(cache, length - 1 if prefix < length else length)
     return sums

@@ -20,7 +20,7 @@ from transformers import DynamicCache, LlamaForCausalLM
 
 import sinklora
 
-from .hf import REFERENCE_ATTN_NAME, group_size_for
+from .hf import CACHE_ARG, REFERENCE_ATTN_NAME, group_size_for
 from .train import blocks, tiny_config, tokenize_corpus
 
 # Relative loss difference allowed between SF-Attn and the float64 dense reference: fp32 on
@@ -69,7 +69,7 @@ def generate(model, prompt, new_tokens, cache):
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = model.generate(input_ids=prompt, past_key_values=cache, max_new_tokens=new_tokens,
+    out = model.generate(input_ids=prompt, **{CACHE_ARG: cache}, max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=model.config.eos_token_id)
     if model.device.type == "cuda":

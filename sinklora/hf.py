@@ -19,13 +19,14 @@ as one batch: groups, sinks and causality are per document, pads are never atten
 ``"sinklora_reference"`` is the same model with the dense float64 SF-Attn of the spec (builds
 ``N x N``; for tests and the demo only).
 """
+import inspect
 import math
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
 
 from . import h2o
 from .sf_attn import sf_attention, sf_attention_reference
@@ -36,6 +37,10 @@ ATTN_NAME = "sinklora"
 REFERENCE_ATTN_NAME = "sinklora_reference"
 # The SF-Attn settings live on the model config under this key (saved with it in config.json).
 CONFIG_KEY = "sinklora"
+# The keyword that hands a cache to a model's forward and to generate(): transformers 5.24
+# renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40 / 6.0).
+CACHE_ARG = ("cache" if "cache" in inspect.signature(LlamaModel.forward).parameters
+             else "past_key_values")
 
 _default_settings = None  # set by replace_llama_attn() without a model
 
@@ -190,7 +195,7 @@ def sinklora_attention_forward(module, query, key, value, attention_mask, scalin
         return _attend_per_document(attend, query, key, value, attention_mask, position_ids), None
     if q_len > 1 and position_ids is not None and _restarts(position_ids).any():
         raise ValueError("packed sequences (position_ids restarting) are supported only without "
-                         "cached keys; run packed batches without past_key_values")
+                         "cached keys; run packed batches without a cache")
     return sdpa_attention_forward(module, query, key, value,
                                   _sdpa_mask(attention_mask, query, kv_len),
                                   dropout=dropout, scaling=scaling, **kwargs)

@@ -18,6 +18,12 @@ INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16])
 
 
+def pytest_configure(config):
+    # transformers 5.24 renamed the past_key_values argument to cache; the tests, the README
+    # and the package pass the name the installed version takes (sinklora.hf.CACHE_ARG).
+    config.addinivalue_line("filterwarnings", "error:.*past_key_values.*:FutureWarning")
+
+
 @pytest.fixture
 def device():
     return DEVICE

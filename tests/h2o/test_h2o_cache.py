@@ -10,6 +10,7 @@ from transformers import (DynamicCache, LogitsProcessor, LogitsProcessorList, Mi
 
 from h2o_helpers import Oracle, assert_matches_oracle, recorded_attention, rel_err, tiny_model
 from sinklora import H2OCache
+from sinklora.hf import CACHE_ARG
 
 BACKENDS = ["torch", "triton"]
 HEAD_DIM, NUM_KV_HEADS = 16, 2
@@ -38,7 +39,7 @@ class EveryStep(LogitsProcessor):
 
 def generate(model, ids, cache, new_tokens, mask=None, every_step=None, **kwargs):
     processors = LogitsProcessorList([EveryStep(every_step)] if every_step else [])
-    return model.generate(ids, attention_mask=mask, past_key_values=cache,
+    return model.generate(ids, attention_mask=mask, **{CACHE_ARG: cache},
                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                           logits_processor=processors, return_dict_in_generate=True,
                           output_logits=True, **kwargs)
@@ -160,12 +161,12 @@ def test_forward_loop_without_generate(device):
     cache = H2OCache(heavy_budget=10, recent_budget=4, backend="torch")
     reference = DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=cache)
-        model(ids, past_key_values=reference)
+        model(ids, **{CACHE_ARG: cache})
+        model(ids, **{CACHE_ARG: reference})
         for step in range(3):
             token = torch.randint(1, 256, (1, 1 + (step == 2)), device=device)
-            logits = model(token, past_key_values=cache).logits
-            assert rel_err(logits, model(token, past_key_values=reference).logits) < 1e-5
+            logits = model(token, **{CACHE_ARG: cache}).logits
+            assert rel_err(logits, model(token, **{CACHE_ARG: reference}).logits) < 1e-5
     assert cache.get_seq_length() == reference.get_seq_length() == 14
     assert all(layer.positions.shape == (1, NUM_KV_HEADS, 14) for layer in cache.layers)
 
@@ -182,10 +183,10 @@ def test_a_chunk_after_the_prompt_is_two_single_steps(backend, device):
               for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
-            model(ids, attention_mask=mask[:, :10], past_key_values=cache)
-        together = model(chunk, attention_mask=mask, past_key_values=caches[0]).logits
+            model(ids, attention_mask=mask[:, :10], **{CACHE_ARG: cache})
+        together = model(chunk, attention_mask=mask, **{CACHE_ARG: caches[0]}).logits
         apart = torch.cat([model(chunk[:, i:i + 1], attention_mask=mask[:, :11 + i],
-                                 past_key_values=caches[1]).logits for i in range(2)], 1)
+                                 **{CACHE_ARG: caches[1]}).logits for i in range(2)], 1)
     assert rel_err(together, apart) < 1e-5
     for one, other in zip(*(cache.layers for cache in caches)):
         assert one.state.next_position.tolist() == [11, 9]  # real tokens seen
@@ -199,7 +200,7 @@ def test_reorder_and_select_move_every_tensor_together(device):
     ids, _ = prompts([12, 12, 12], device)  # three different sequences
     cache = H2OCache(heavy_budget=3, recent_budget=2, backend="torch")
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **{CACHE_ARG: cache})
     layer = cache.layers[1]
 
     def tensors():
@@ -224,14 +225,14 @@ def test_other_attention_implementation_raises_at_the_first_step(device):
     model = tiny_model(attn="sdpa").to(device)
     ids, _ = prompts([6], device)
     with pytest.raises(RuntimeError, match="attn_implementation='sinklora'"), torch.no_grad():
-        model(ids, past_key_values=H2OCache(heavy_budget=2, recent_budget=2))
+        model(ids, **{CACHE_ARG: H2OCache(heavy_budget=2, recent_budget=2)})
 
 
 def test_crop_is_refused(device):
     model = tiny_model().to(device)
     cache = H2OCache(heavy_budget=2, recent_budget=2, backend="torch")
     with torch.no_grad():
-        model(prompts([6], device)[0], past_key_values=cache)
+        model(prompts([6], device)[0], **{CACHE_ARG: cache})
     with pytest.raises(ValueError, match="cannot crop"):
         cache.crop(-1)
 
@@ -246,9 +247,9 @@ def test_sliding_window_counts_every_token_seen(device):
     cache = H2OCache(heavy_budget=2, recent_budget=2, backend="torch")
     ids, _ = prompts([8], device)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **{CACHE_ARG: cache})
         with pytest.raises(ValueError, match="sliding_window=8 < 9 keys"):
-            model(ids[:, :1], past_key_values=cache)
+            model(ids[:, :1], **{CACHE_ARG: cache})
     assert cache.get_seq_length() == 8
     assert all(layer.pending is None for layer in cache.layers)
 
@@ -258,11 +259,11 @@ def test_a_forward_with_gradients_leaves_the_cache_as_it_was(device):
     ids, _ = prompts([7], device)
     cache = H2OCache(heavy_budget=2, recent_budget=2, backend="torch")
     with pytest.raises(RuntimeError, match="torch.no_grad"):
-        model(ids, past_key_values=cache)
+        model(ids, **{CACHE_ARG: cache})
     assert cache.get_seq_length() == 0
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache).logits
-        fresh = model(ids, past_key_values=H2OCache(heavy_budget=2, recent_budget=2,
-                                                    backend="torch")).logits
+        logits = model(ids, **{CACHE_ARG: cache}).logits
+        fresh = H2OCache(heavy_budget=2, recent_budget=2, backend="torch")
+        fresh = model(ids, **{CACHE_ARG: fresh}).logits
     assert torch.equal(logits, fresh)
     assert cache.get_seq_length() == 7

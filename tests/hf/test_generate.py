@@ -5,6 +5,7 @@ import torch
 from hf_helpers import build, rel_err
 
 import sinklora
+from sinklora.hf import CACHE_ARG
 
 NEW = 12
 
@@ -52,8 +53,8 @@ def test_several_tokens_after_cached_keys_equal_sdpa(padded):
         model.set_attn_implementation(attn)
         cache = DynamicCache()
         with torch.no_grad():
-            model(prompt, attention_mask=mask[:, :10], past_key_values=cache)
-            logits[attn] = model(more, attention_mask=mask, past_key_values=cache).logits
+            model(prompt, attention_mask=mask[:, :10], **{CACHE_ARG: cache})
+            logits[attn] = model(more, attention_mask=mask, **{CACHE_ARG: cache}).logits
     assert rel_err(logits["sinklora"], logits["sdpa"]) < 1e-5
 
 
@@ -63,6 +64,6 @@ def test_h2o_full_budget_equals_default_generate():
     tokens, scores = _generate(model, input_ids)
     total = input_ids.shape[1] + NEW
     cache = sinklora.H2OCache(heavy_budget=total - 8, recent_budget=8)
-    h2o_tokens, h2o_scores = _generate(model, input_ids, past_key_values=cache)
+    h2o_tokens, h2o_scores = _generate(model, input_ids, **{CACHE_ARG: cache})
     assert torch.equal(h2o_tokens, tokens)
     assert rel_err(h2o_scores, scores) < 1e-5

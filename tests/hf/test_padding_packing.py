@@ -4,7 +4,7 @@ and sinks per document) and in evaluation (full causal attention per document)."
 import pytest
 import torch
 from hf_helpers import build, rel_err
-from transformers import DataCollatorWithFlattening
+from transformers import DataCollatorWithFlattening, DynamicCache
 
 import sinklora
 from sinklora import hf
@@ -112,9 +112,10 @@ def test_packed_batch_matches_each_document(training):
 def test_packed_sequences_with_cached_keys_raise():
     model = build("llama", "sinklora").eval()
     with torch.no_grad():
-        past = model(input_ids=torch.randint(0, 256, (1, 8)), use_cache=True).past_key_values
+        past = DynamicCache()
+        model(input_ids=torch.randint(0, 256, (1, 8)), **{hf.CACHE_ARG: past})
         with pytest.raises(ValueError, match="packed"):
-            model(input_ids=torch.randint(0, 256, (1, 6)), past_key_values=past,
+            model(input_ids=torch.randint(0, 256, (1, 6)), **{hf.CACHE_ARG: past},
                   position_ids=torch.tensor([[8, 9, 10, 0, 1, 2]]))
 
 

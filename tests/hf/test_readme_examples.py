@@ -3,9 +3,10 @@
 Each block is executed with only the substitutions listed for it: the names the README leaves
 to the reader (a checkpoint path, ``input_ids``, tensors) become a tiny random Llama saved in a
 temporary folder and small random inputs, the H2O example generates 1100 tokens instead of
-4096 (still past its budget), and on CPU the device, dtype and sizes become ones a CPU runs in
-seconds. Every substitution must match (a README edit that removes one fails), and
-the numbers the examples' comments state are checked.
+4096 (still past its budget), on CPU the device, dtype and sizes become ones a CPU runs in
+seconds, and with transformers before 5.24 ``cache=cache`` becomes ``past_key_values=cache``.
+Every substitution must match (a README edit that removes one fails), and the numbers the
+examples' comments state are checked.
 """
 import json
 import re
@@ -18,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import sinklora
 from conftest import DEVICE
+from sinklora.hf import CACHE_ARG
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 CPU = DEVICE == "cpu"
@@ -43,6 +45,9 @@ def run(block, subs, namespace):
 
 def on_cpu(*subs):
     return list(subs) if CPU else []
+
+
+OLD_CACHE_NAME = [] if CACHE_ARG == "cache" else [("cache=cache", f"{CACHE_ARG}=cache")]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +83,7 @@ def test_sf_attention_example():
 
 def test_replace_llama_attn_and_lora_recipe_examples(checkpoint):
     input_ids = torch.randint(2, 256, (1, 64))
-    ns = run(blocks()[1], [('"path/to/llama"', repr(str(checkpoint)))],
+    ns = run(blocks()[1], [('"path/to/llama"', repr(str(checkpoint)))] + OLD_CACHE_NAME,
              {"input_ids": input_ids})
     model = ns["model"]
     assert model.config._attn_implementation == "sinklora"
@@ -110,7 +115,7 @@ def test_reload_example(tmp_path):
 def test_h2o_cache_example(checkpoint):
     # Fewer new tokens than the README's 4096, still more than the budget of 1028 entries.
     new = 1100
-    ns = run(blocks()[4], [("max_new_tokens=4096", f"max_new_tokens={new}")]
+    ns = run(blocks()[4], [("max_new_tokens=4096", f"max_new_tokens={new}")] + OLD_CACHE_NAME
              + on_cpu((".cuda()", ""), ('.to("cuda")', '.to("cpu")'),
                       ("torch.bfloat16", "torch.float32")),
              {"path": str(checkpoint)})
