@@ -263,7 +263,7 @@ def test_a_forward_with_gradients_leaves_the_cache_as_it_was(device):
     assert cache.get_seq_length() == 0
     with torch.no_grad():
         logits = model(ids, **{CACHE_ARG: cache}).logits
-        fresh = H2OCache(heavy_budget=2, recent_budget=2, backend="torch")
-        fresh = model(ids, **{CACHE_ARG: fresh}).logits
+        other = H2OCache(heavy_budget=2, recent_budget=2, backend="torch")
+        fresh = model(ids, **{CACHE_ARG: other}).logits
     assert torch.equal(logits, fresh)
     assert cache.get_seq_length() == 7
