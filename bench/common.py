@@ -74,8 +74,11 @@ def _version(package):
 
 
 def environment(device):
-    """The columns that say where and with what a run happened (the same for all its rows)."""
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    """The columns that say where and with what a run happened (the same for all its rows).
+
+    ``BENCH_RUN_ID`` names the run instead of the start time, so that several scripts of one
+    session (``bench/first_light.py``) form one run for the plots and the summary."""
+    now = os.environ.get("BENCH_RUN_ID") or timestamp()
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,

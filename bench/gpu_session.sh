@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
-# One device call of a GPU session: bash bench/gpu_session.sh STEP (bench/RESULTS.md, "GPU
-# session"). Runs from the working tree with the machine's own python3 (GPU machines here have
-# no package registry), writes logs and result files to $OUT (the device tool's return folder;
-# build/gpu-out elsewhere), at most 8 files, and ends each command inside a 10-minute call.
+# One device call of a GPU session (bench/RESULTS.md, "GPU session"). Runs from the working tree
+# with the machine's own python3 (GPU machines here have no package registry), writes logs and
+# result files to $OUT (the device tool's return folder; build/gpu-out elsewhere), at most 8
+# files, and ends each command inside a 10-minute call.
 #
-#   tune   bench/tune_sf.py: SF-Attn tile candidates timed per kernel
-#   test   the test suite compiled on the GPU (make test-gpu, bf16 included), then
-#          bench/long_sequence.py (N = 540,672 and 128k, exact float64 slice checks)
-#   bench  bench/run_all.py: every provider side by side, CSVs, plots, summary
-#   paper  bench/pretrain.py, bench/h2o_quality.py, bench/context_extension.py
+#   (no step)  first light, bench/first_light.py: environment, the gpu_smoke tests, the headline
+#              benchmark, a quick tile sweep and N = 128k, each part with its own deadline,
+#              540 s in all; `--dry-run` runs the same parts on CPU at toy sizes
+#   tune       bench/tune_sf.py: SF-Attn tile candidates timed per kernel
+#   test       the test suite compiled on the GPU (make test-gpu, bf16 included), then
+#              bench/long_sequence.py (N = 540,672 and 128k, exact float64 slice checks)
+#   bench      bench/run_all.py: every provider side by side, CSVs, plots, summary
+#   paper      bench/pretrain.py, bench/h2o_quality.py, bench/context_extension.py
 #
 # BENCH_GIT_SHA must name the commit the tree was sent from (the tree travels without .git).
 set -uo pipefail
-step=${1:?usage: bash bench/gpu_session.sh tune|test|bench|paper}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+py=${GPU_PY:-python3}
+if [[ $# -eq 0 || $1 == --* ]]; then
+    out=${OUT:-build/first-light}
+    exec $py bench/first_light.py --out "$out" "$@"
+fi
+step=$1
 : "${BENCH_GIT_SHA:?set BENCH_GIT_SHA to the sha of the commit being run}"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 BENCH_GIT_SHA
+export BENCH_GIT_SHA
 out=${OUT:-build/gpu-out}
 mkdir -p "$out"
-py=${GPU_PY:-python3}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/$step.log"
 $py -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/$step.log"
 
@@ -49,7 +57,7 @@ paper)
     tar cf - $cache $results | split -b 15M - "$out/paper.tar."
     ;;
 *)
-    echo "unknown step: $step (tune, test, bench or paper)" >&2
+    echo "unknown step: $step (none for first light, tune, test, bench or paper)" >&2
     exit 2
     ;;
 esac

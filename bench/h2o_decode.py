@@ -71,8 +71,9 @@ class Shape:
         return 2 * self.B * self.Hkv * entries * self.D * self.dtype.itemsize
 
 
-def shapes(device, full=False, n_values=None, batch_values=None, tiny=False):
-    """Llama-2-7B / Llama-3-8B attention shapes in bf16 on CUDA; small fp32 ones on CPU."""
+def shapes(device, full=False, n_values=None, batch_values=None, tiny=False, model_names=None):
+    """Llama-2-7B / Llama-3-8B attention shapes in bf16 on CUDA; small fp32 ones on CPU.
+    ``model_names`` keeps those models only (CPU: ``mha`` / ``gqa``)."""
     if device.type == "cuda":
         models, dtype = GPU_MODELS, torch.bfloat16
         n_values = n_values or (GPU_N if full else GPU_N_DEFAULT)
@@ -83,8 +84,11 @@ def shapes(device, full=False, n_values=None, batch_values=None, tiny=False):
     else:
         models, dtype = CPU_MODELS, torch.float32
         n_values, batch_values = n_values or (256, 512), batch_values or (1, 2)
+    unknown = set(model_names or ()) - set(models)
+    if unknown:
+        raise ValueError(f"--models: {sorted(unknown)} not among {sorted(models)} on this device")
     return [Shape(name, b, hq, hkv, n, d, dtype) for n in n_values for b in batch_values
-            for name, (hq, hkv, d) in models.items()]
+            for name, (hq, hkv, d) in models.items() if not model_names or name in model_names]
 
 
 def split_budget(shape, fraction):
@@ -406,10 +410,12 @@ def main(argv=None):
     ap.add_argument("--N", type=int, nargs="+", help="context lengths (default per device)")
     ap.add_argument("--B", type=int, nargs="+", help="batch sizes")
     ap.add_argument("--providers", nargs="+", choices=[*DECODE_PROVIDERS, *PREFILL_PROVIDERS])
+    ap.add_argument("--models", nargs="+", help="attention shapes by model name (GPU: "
+                    f"{', '.join(GPU_MODELS)}; CPU: {', '.join(CPU_MODELS)})")
     args = ap.parse_args(argv)
     device, env = common.start(args)
     run(device, args.results_dir / f"{KERNEL}.csv", env, common.Deadline(args.time_budget),
-        shapes(device, args.full, args.N, args.B, args.tiny), args.providers)
+        shapes(device, args.full, args.N, args.B, args.tiny, args.models), args.providers)
 
 
 if __name__ == "__main__":

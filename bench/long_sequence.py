@@ -110,10 +110,12 @@ def run_case(case, dtype, device, env):
 
 def main(argv=None):
     ap = common.script_parser(__doc__, "(no effect: the GPU cases are the issue's)")
+    ap.add_argument("--N", type=int, nargs="+", choices=[case[3] for case in GPU_CASES],
+                    help="the GPU cases of these sequence lengths only (default: all)")
     args = ap.parse_args(argv)
     device, env = common.start(args)
     if device.type == "cuda":
-        cases, dtype = GPU_CASES, torch.bfloat16
+        cases, dtype = [c for c in GPU_CASES if not args.N or c[3] in args.N], torch.bfloat16
     else:
         print("No CUDA GPU: a small version under the Triton interpreter (a check, not a "
               "benchmark).", flush=True)

@@ -56,13 +56,13 @@ def _ratio(column, mine_over_theirs=False):
 
 # The SF-Attn targets: (provider compared, label, ratio, op, goal, the N it applies to).
 SF_GOALS = (
-    ("flex", "FlexAttention / sinklora fwd+bwd time", _ratio("ms_p50"), ">=", 1.2,
+    ("flex", "FlexAttention / sinklora fwd+bwd time", _ratio("ms_p50"), ">=", 1.5,
      lambda n: n >= 8192),
     ("sdpa_causal", "dense causal SDPA / sinklora fwd+bwd time", _ratio("ms_p50"), ">=", 3.0,
      lambda n: n == 16384),
     ("sdpa_causal", "sinklora / SDPA useful TFLOP/s", _ratio("tflops", True), ">=", 0.7,
      lambda n: True),
-    ("longlora_s2", "LongLoRA / sinklora fwd+bwd time", _ratio("ms_p50"), ">=", 1.5,
+    ("longlora_s2", "LongLoRA / sinklora fwd+bwd time", _ratio("ms_p50"), ">=", 2.0,
      lambda n: True),
     ("longlora_s2", "sinklora / LongLoRA peak memory", _ratio("peak_mem_mb", True), "<", 1.0,
      lambda n: True),
@@ -96,16 +96,16 @@ def sf_targets(rows):
 
 
 def h2o_targets(rows):
-    """Lines for the H2O target (50% budget, 16k context, B=8, decode step vs full cache) and
-    the prefill's score-pass overhead (no target number in the issue)."""
+    """Lines for the H2O targets: the decode step at a 50% budget, 16k context, B=8, against the
+    full cache; the prefill with its score pass against plain causal SDPA."""
     prefill = _index([r for r in rows if r["pass"] == "prefill"], "provider", "B", "Hq", "Hkv", "N")
     lines = []
     for (provider, b, hq, hkv, n), ours in sorted(prefill.items()):
         plain = prefill.get(("sdpa_prefill", b, hq, hkv, n))
         if provider == "sinklora_h2o_prefill_50" and plain:
             ratio = float(ours["ms_p50"]) / float(plain["ms_p50"])
-            lines.append(f"- B={b} Hq={hq} Hkv={hkv} N={n}: H2O prefill / causal SDPA prefill "
-                         f"time: {ratio:.2f} (the score pass's overhead; no target)")
+            lines.append(_target(f"B={b} Hq={hq} Hkv={hkv} N={n}: H2O prefill / causal SDPA "
+                                 "prefill time", ratio, "<=", 1.3))
     rows = [r for r in rows if r["pass"] == "decode"]
     by = _index(rows, "provider", "B", "Hq", "Hkv", "N")
     gpu = any(r["device"] != "cpu" for r in rows)

@@ -40,6 +40,13 @@ CANDIDATES = {
     "dkdv": [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 3), (128, 32, 8, 2), (128, 32, 8, 3),
              (128, 32, 8, 4)],
 }
+# A handful per kernel for a short run (``--quick``): today's tile first, so that a run cut
+# short by its time budget still has the base of the ratio.
+QUICK = {
+    "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+    "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3)],
+    "dkdv": [(128, 32, 8, 3), (64, 32, 8, 3), (128, 32, 8, 2)],
+}
 KERNEL_FUNCTIONS = {"fwd": "_sf_attn_fwd_kernel", "dq": "_sf_attn_bwd_dq_kernel",
                     "dkdv": "_sf_attn_bwd_dkdv_kernel"}
 
@@ -64,6 +71,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     ap.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
+    ap.add_argument("--quick", action="store_true",
+                    help="a handful of candidates per kernel (QUICK), today's tile first")
+    ap.add_argument("--time-budget", type=float,
+                    help="seconds after which no new candidate starts")
     ap.add_argument("--smoke", action="store_true",
                     help="one candidate per kernel at a tiny fp16 shape: checks the script "
                          "(on CPU under TRITON_INTERPRET=1), times nothing meaningful")
@@ -93,6 +104,7 @@ def main(argv=None):
              "dtype": args.dtype}
 
     default_tiles = launchers.tiles
+    deadline = common.Deadline(args.time_budget)
 
     def forward():
         return launchers.sf_attn_forward(q, k, v, g, s, shift_heads, False, scale)
@@ -103,13 +115,17 @@ def main(argv=None):
         return launchers.sf_attn_backward(do, q, k, v, o, lse, g, s, shift_heads, False, scale)
 
     reference = {"fwd": (o,), "bwd": (o, *backward())}
-    rows, best = [], {}
+    best = {}
     try:
         for kernel in args.kernels:
             default = default_tiles(d, dtype)[kernel]
             timings = {}
-            candidates = CANDIDATES[kernel][:1] if args.smoke else CANDIDATES[kernel]
+            candidates = (CANDIDATES[kernel][:1] if args.smoke
+                          else QUICK[kernel] if args.quick else CANDIDATES[kernel])
             for candidate in map(launchers.Tile._make, candidates):
+                if deadline.passed():
+                    print(f"time budget used up, skipping {kernel} {candidate}", flush=True)
+                    continue
                 def patched(head_dim, dt, kernel=kernel, candidate=candidate):
                     return {**default_tiles(head_dim, dt), kernel: candidate}
 
@@ -130,12 +146,11 @@ def main(argv=None):
                     row["error"] = common.short_error(exc)
                     common.free_memory(device, after_failure=True)
                 common.print_row(row)
-                rows.append(row)
+                common.append_rows(args.results_dir / "tune_sf.csv", [row])
             if timings:
                 best[kernel] = (min(timings, key=timings.get), timings, default)
     finally:
         launchers.tiles = default_tiles
-        common.append_rows(args.results_dir / "tune_sf.csv", rows)
 
     print("\nfastest tile per kernel (ms p50 of its pass):")
     for kernel, (winner, timings, default) in best.items():

@@ -22,6 +22,9 @@ def pytest_configure(config):
     # transformers 5.24 renamed the past_key_values argument to cache; the tests, the README
     # and the package pass the name the installed version takes (sinklora.hf.CACHE_ARG).
     config.addinivalue_line("filterwarnings", "error:.*past_key_values.*:FutureWarning")
+    config.addinivalue_line(
+        "markers", "gpu_smoke: the minimal set that compiles every kernel specialization the "
+                   "benchmarks use (bench/first_light.py runs it first on a GPU)")
 
 
 @pytest.fixture

@@ -185,13 +185,13 @@ def test_summary_forms_each_target_and_never_drops_one(tmp_path):
     old, new = "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00"
     rows = [_gpu_row("flex", 16384, 1.0, old),
             _gpu_row("sinklora_triton", 16384, 10.0, new, tflops="300", peak_mem_mb="100"),
-            _gpu_row("flex", 16384, 13.0, new),
+            _gpu_row("flex", 16384, 16.0, new),
             _gpu_row("sdpa_causal", 16384, 29.0, new, tflops="400"),
             _gpu_row("longlora_s2", 16384, "", new, error="OutOfMemoryError: x")]
     common.append_rows(tmp_path / "sf_attn.csv", rows)
     lines = summary.sf_targets(plot.latest_run(common.read_rows(tmp_path / "sf_attn.csv")))
     assert lines == [
-        "- Hkv=8 N=16384: FlexAttention / sinklora fwd+bwd time: 1.300 (target >= 1.2): met",
+        "- Hkv=8 N=16384: FlexAttention / sinklora fwd+bwd time: 1.600 (target >= 1.5): met",
         "- Hkv=8 N=16384: dense causal SDPA / sinklora fwd+bwd time: 2.900 (target >= 3.0): "
         "MISSED",
         "- Hkv=8 N=16384: sinklora / SDPA useful TFLOP/s: 0.750 (target >= 0.7): met",
@@ -226,7 +226,7 @@ def test_summary_longlora_and_h2o_targets():
     rows = [_gpu_row("sinklora_triton", 8192, 10.0, run, peak_mem_mb="100"),
             _gpu_row("longlora_s2", 8192, 14.0, run, peak_mem_mb="100")]
     assert [line for line in summary.sf_targets(rows) if "LongLoRA" in line] == [
-        "- Hkv=8 N=8192: LongLoRA / sinklora fwd+bwd time: 1.400 (target >= 1.5): MISSED",
+        "- Hkv=8 N=8192: LongLoRA / sinklora fwd+bwd time: 1.400 (target >= 2.0): MISSED",
         "- Hkv=8 N=8192: sinklora / LongLoRA peak memory: 1.000 (target < 1.0): MISSED"]
 
     def decode(provider, ms, **extra):

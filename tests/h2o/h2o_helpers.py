@@ -5,7 +5,7 @@ import contextlib
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sinklora.h2o import H2OLayer
+from sinklora.h2o import H2OLayer, H2OState
 from sinklora.testing import rel_err  # noqa: F401  re-exported to the tests
 
 # Relative error ``||out - ref|| / ||ref||`` against float64, per input dtype: fp16 rounds the
@@ -171,3 +171,30 @@ def assert_matches_oracle(oracle, positions, scores, tol, what):
         top = max(want_bg.values())
         worst = max(abs(got_bg[p] - want_bg[p]) for p in want_bg) / top
         assert worst <= tol, f"{what}: scores off by {worst:.3g} (relative to the largest)"
+
+
+def random_state(batch, num_kv_heads, head_dim, length, capacity, next_position, num_pads, dtype,
+                 device):
+    """A state with ``length`` random entries per (b, g): distinct random positions below
+    ``next_position[b]``, positive random scores, and ``num_pads[b]`` pad entries."""
+    keys = torch.randn(batch, num_kv_heads, capacity, head_dim, device=device).to(dtype)
+    values = torch.randn(batch, num_kv_heads, capacity, head_dim, device=device).to(dtype)
+    positions = torch.full((batch, num_kv_heads, capacity), -7, device=device, dtype=torch.long)
+    for b in range(batch):
+        for g in range(num_kv_heads):
+            real = length - num_pads[b]
+            chosen = torch.randperm(next_position[b], device=device)[:real]
+            slots = torch.randperm(length, device=device)
+            positions[b, g, slots[:real]] = chosen
+            positions[b, g, slots[real:]] = -1
+    scores = torch.rand(batch, num_kv_heads, capacity, device=device) * 4
+    scores[positions == -1] = 0.0
+    return H2OState(keys, values, positions, scores, length,
+                    torch.tensor(next_position, device=device))
+
+
+def as_float64(state):
+    """A float64 copy of ``state`` (scores included) for the reference path."""
+    return H2OState(state.key_buffer.double(), state.value_buffer.double(),
+                    state.position_buffer.clone(), state.score_buffer.double(), state.length,
+                    state.next_position.clone())

@@ -3,11 +3,14 @@ same inputs in float64, and the PyTorch prefill against dense ``n x n`` float64 
 
 Shapes: batch 2, 4 query heads on 2 kv heads (GQA), prompts and stored entries that are not a
 multiple of the kernels' 64-entry blocks, decode split over 1 and 3 chunks."""
+import functools
+
 import pytest
 import torch
 
 from conftest import KERNEL_DTYPES
-from h2o_helpers import TOL, pad_mask, rel_err
+import h2o_helpers
+from h2o_helpers import TOL, as_float64, pad_mask, rel_err
 from sinklora.h2o.budget import H2OBudget
 from sinklora.h2o.reference import decode_torch, prefill_torch
 from sinklora.h2o.state import H2OState
@@ -17,6 +20,7 @@ from sinklora.kernels.h2o_prefill import h2o_prefill_fwd
 BATCH, HQ, HKV, D = 2, 4, 2, 16
 SCALE = D ** -0.5
 DTYPE_IDS = [str(dt)[6:] for dt in KERNEL_DTYPES]
+random_state = functools.partial(h2o_helpers.random_state, BATCH, HKV, D)
 
 
 PAD_LAYOUTS = {
@@ -79,32 +83,6 @@ def test_prefill_kernels_match_torch(dtype, layout, device):
     assert torch.isfinite(out).all() and torch.isfinite(acc).all()
     assert rel_err(out, want_out) <= TOL[dtype]
     assert rel_err(acc, want_acc) <= max(TOL[dtype], TOL[torch.float32])
-
-
-def random_state(length, capacity, next_position, num_pads, dtype, device):
-    """A state with ``length`` random entries per (b, g): distinct random positions below
-    ``next_position[b]``, positive random scores, and ``num_pads[b]`` pad entries."""
-    keys = torch.randn(BATCH, HKV, capacity, D, device=device).to(dtype)
-    values = torch.randn(BATCH, HKV, capacity, D, device=device).to(dtype)
-    positions = torch.full((BATCH, HKV, capacity), -7, device=device, dtype=torch.long)
-    for b in range(BATCH):
-        for g in range(HKV):
-            real = length - num_pads[b]
-            chosen = torch.randperm(next_position[b], device=device)[:real]
-            slots = torch.randperm(length, device=device)
-            positions[b, g, slots[:real]] = chosen
-            positions[b, g, slots[real:]] = -1
-    scores = torch.rand(BATCH, HKV, capacity, device=device) * 4
-    scores[positions == -1] = 0.0
-    return H2OState(keys, values, positions, scores, length,
-                    torch.tensor(next_position, device=device))
-
-
-def as_float64(state):
-    """A float64 copy of ``state`` (scores included) for the reference path."""
-    return H2OState(state.key_buffer.double(), state.value_buffer.double(),
-                    state.position_buffer.clone(), state.score_buffer.double(), state.length,
-                    state.next_position.clone())
 
 
 DECODE_CASES = {
