@@ -22,7 +22,7 @@ import torch
 
 import common  # sets TRITON_INTERPRET (1 without CUDA) before sinklora defines its kernels
 from sinklora import sf_attention
-from sinklora.sf_attn.pattern import plain
+from sinklora.kernels.pattern import plain
 
 GPU_CASES = [  # (B, Hq, Hkv, N, D, G, S)
     (1, 32, 8, 540672, 128, 4096, 4),   # q has 2.2e9 elements; rows of a head pass 2**31

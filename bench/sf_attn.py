@@ -5,7 +5,7 @@ Providers, each timed for fwd, bwd and fwd+bwd on the same inputs:
 - ``sinklora_triton``: ``sinklora.sf_attention(..., backend="triton")`` (GPU only).
 - ``sinklora_torch``: the PyTorch fallback, ``backend="torch"``.
 - ``flex``: FlexAttention with the identical per-head mask, its ``mask_mod`` built from
-  ``sinklora.sf_attn.pattern.plain.visible``; compiled on CUDA, block mask built once outside
+  ``sinklora.kernels.pattern.plain.visible``; compiled on CUDA, block mask built once outside
   the timing, GQA through ``enable_gqa``. On CPU FlexAttention has no backward and is not
   compiled here, so only its eager forward runs (a check of the mask more than a timing).
 - ``longlora_s2``: LongLoRA's algorithm in PyTorch (roll the shifted half of the heads by
@@ -18,7 +18,7 @@ Before timing, each provider's output and gradients are compared once with sinkl
 correctness gate); a provider that fails it gets an error row instead of timings.
 
 Useful TFLOP/s count only the (query, key) pairs the provider's pattern makes visible, counted
-exactly from ``sinklora.sf_attn.pattern``: ``4 * D`` flops per pair forward (two matmuls),
+exactly from ``sinklora.kernels.pattern``: ``4 * D`` flops per pair forward (two matmuls),
 2.5 times that backward.
 """
 import sys
@@ -96,7 +96,7 @@ def causal_pattern(shape):
 
 def visible_pairs(shape, pattern):
     """Exact number of visible (query, key) pairs summed over batch and query heads."""
-    from sinklora.sf_attn.pattern import plain
+    from sinklora.kernels.pattern import plain
 
     n, g, s = shape.N, pattern["group_size"], pattern["num_sink"]
     i = torch.arange(n, dtype=torch.int64)
@@ -133,7 +133,7 @@ def make_sinklora(backend):
 def make_flex(shape, device, q, k, v, do):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from sinklora.sf_attn.pattern import plain
+    from sinklora.kernels.pattern import plain
 
     pattern = sf_pattern(shape)
     g, s, n = shape.G, shape.S, shape.N

@@ -1,10 +1,27 @@
-"""sinklora: Triton kernels for SinkLoRA (SF-Attn training attention, H2O KV-cache decoding)."""
-from . import hf  # noqa: F401  registers the "sinklora" attention with transformers
-from .h2o import H2OCache, H2OState, h2o_decode, h2o_prefill
-from .hf import replace_llama_attn
-from .lora import extend_context, lora_config
+"""sinklora: Triton kernels for SinkLoRA (SF-Attn training attention, H2O KV-cache decoding).
+
+``sf_attention``, ``h2o_prefill`` / ``h2o_decode`` and ``sinklora.kernels`` need only torch and
+triton. The Hugging Face names (``replace_llama_attn``, ``H2OCache``, ``lora_config``,
+``extend_context``) live in ``sinklora.hf``; when transformers and peft are installed,
+``import sinklora`` imports it, which registers the ``"sinklora"`` attention with transformers.
+"""
+from .h2o import H2OState, h2o_decode, h2o_prefill
 from .sf_attn import sf_attention
 
-__all__ = ["sf_attention", "replace_llama_attn", "lora_config", "extend_context", "H2OCache",
-           "H2OState", "h2o_prefill", "h2o_decode"]
+HF_NAMES = ("replace_llama_attn", "lora_config", "extend_context", "H2OCache")
+
+try:
+    from .hf import H2OCache, extend_context, lora_config, replace_llama_attn
+except ModuleNotFoundError as exc:
+    if (exc.name or "").split(".")[0] not in ("transformers", "peft"):
+        raise
+    _hf_missing = exc
+
+    def __getattr__(name):
+        if name in HF_NAMES:
+            raise ImportError(f"sinklora.{name} needs transformers and peft "
+                              f"({_hf_missing}): pip install 'transformers>=5.17' peft")
+        raise AttributeError(f"module 'sinklora' has no attribute {name!r}")
+
+__all__ = ["sf_attention", "h2o_prefill", "h2o_decode", "H2OState", *HF_NAMES]
 __version__ = "0.1.0"

@@ -20,8 +20,7 @@ from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
                           LlamaForCausalLM)
 
-from .hf import group_size_for, replace_llama_attn, sf_settings
-from .lora import extend_context, lora_config
+from .hf import extend_context, group_size_for, lora_config, replace_llama_attn, sf_settings
 
 BYTE_EOS = 256  # --tiny tokens: the 256 byte values, then EOS
 

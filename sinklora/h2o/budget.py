@@ -1,6 +1,7 @@
 """The H2O budget: how many entries each (sequence, kv head) keeps, and of which kind."""
-import numbers
 from dataclasses import dataclass
+
+from .._checks import check_int
 
 
 @dataclass(frozen=True)
@@ -18,14 +19,15 @@ class H2OBudget:
 
 
 def check_budget(heavy_budget, recent_budget, num_sink=0):
-    """Validated :class:`H2OBudget`; ``ValueError`` names the bad argument."""
+    """Validated :class:`H2OBudget`; ``TypeError`` (not an int) or ``ValueError`` (negative, or
+    a total of 0) names the bad argument."""
+    values = {}
     for name, value in (("heavy_budget", heavy_budget), ("recent_budget", recent_budget),
                         ("num_sink", num_sink)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-        if value < 0:
+        values[name] = check_int(name, value)
+        if values[name] < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    if heavy_budget + recent_budget + num_sink == 0:
+    if sum(values.values()) == 0:
         raise ValueError("heavy_budget + recent_budget + num_sink must be > 0, "
                          "got a total budget of 0")
-    return H2OBudget(int(heavy_budget), int(recent_budget), int(num_sink))
+    return H2OBudget(**values)

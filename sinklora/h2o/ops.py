@@ -7,8 +7,7 @@ kernels (``sinklora/kernels/h2o_*.py``) on CUDA and to the plain PyTorch impleme
 """
 import torch
 
-from ..kernels.common import resolve_backend
-from ..sf_attn.params import check_softmax_scale
+from .._checks import check_softmax_scale, resolve_backend
 from .budget import check_budget
 from .reference import decode_torch, prefill_keep, prefill_torch, real_positions
 from .state import H2OState, new_state

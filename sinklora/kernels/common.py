@@ -1,15 +1,13 @@
-"""What every sinklora kernel launcher and its public entry point share."""
+"""What the Triton kernels and their launchers share."""
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-BACKENDS = ("auto", "triton", "torch")
 # log2(e): the kernels run softmax in base 2 with ``softmax_scale * LOG2E`` folded into the
 # scores (host code reads ``LOG2E.value``).
 LOG2E = tl.constexpr(1.4426950408889634)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Every launch asks for fused multiply-adds: the kernels were validated with them (Triton's
 # default up to 3.9), and 3.9 warns that 3.10's default will leave them off.
 FMA = dict(enable_fp_fusion=True)
@@ -30,35 +28,6 @@ def next_power_of_2(n):
 def interpreted():
     """Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def resolve_backend(backend, tensor, name):
-    """``"triton"`` or ``"torch"`` for the input ``tensor`` (called ``name`` in errors):
-    ``"auto"`` takes the kernels on CUDA and the PyTorch path elsewhere; ``"triton"`` on CPU
-    tensors needs the interpreter. With ``"triton"`` the tensor's dtype is checked too."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    device = tensor.device.type
-    if backend == "auto":
-        backend = "triton" if device == "cuda" else "torch"
-    elif backend == "triton" and device != "cuda" and not interpreted():
-        raise ValueError(f"backend='triton' needs CUDA tensors, got {device} tensors "
-                         "(or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
-    if backend == "triton":
-        _check_kernel_dtype(name, tensor)
-    return backend
-
-
-def _check_kernel_dtype(name, tensor):
-    """The Triton kernels take fp16, bf16 and fp32; on CPU tensors they run in Triton's
-    interpreter, which computes bf16 loads, stores and dots wrongly: refused, not garbage."""
-    if tensor.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"backend='triton': the Triton kernels take {name} dtypes "
-                        f"{KERNEL_DTYPES}, got {tensor.dtype}")
-    if tensor.dtype == torch.bfloat16 and tensor.device.type != "cuda":
-        raise TypeError(f"backend='triton' on {tensor.device.type} tensors runs Triton's CPU "
-                        f"interpreter, which computes bfloat16 wrongly: {name} is bfloat16; use "
-                        "float16 / float32 there, or backend='torch'")
 
 
 def dot_precision(dtype):

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sf_attn.pattern import (group_end, group_start, head_shift, in_group, in_sink, in_wrap,
+from .pattern import (group_end, group_start, head_shift, in_group, in_sink, in_wrap,
                                wrap_start)
 from .common import (FMA, LOG2E, cdiv, dot_precision, interpreted, next_power_of_2,
                      online_softmax_step)

@@ -1,5 +1,5 @@
 """``sf_attention``: the public entry point; picks the Triton op or the PyTorch fallback."""
-from ..kernels.common import resolve_backend
+from .._checks import resolve_backend
 from .fallback import sf_attention_torch
 from .op import sf_attention_triton
 from .params import check_args, check_kernel_args

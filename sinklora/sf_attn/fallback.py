@@ -7,7 +7,7 @@ only) the wrapped keys. The mask inside a group is at most ``G x (S + 1.5 G)``; 
 """
 import torch
 
-from .pattern import plain
+from ..kernels.pattern import plain
 
 
 def _group_bounds(p, shift):

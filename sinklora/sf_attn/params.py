@@ -1,11 +1,10 @@
 """Argument checking shared by every SF-Attn entry point (reference, fallback, kernels)."""
-import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 
-from .pattern import plain
+from .._checks import check_int, check_softmax_scale
+from ..kernels.pattern import plain
 
 MODES = ("sf", "s2")
 KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -32,29 +31,15 @@ class SFParams:
         return plain.wrap_start(shift, self.seq_len, int(self.mode == "s2"))
 
 
-def _int_arg(name, value):
-    """``value`` as a Python int: any integral number (numpy's too), never a bool or float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
-
-
-def _float_arg(name, value):
-    """``value`` as a Python float: any real number (numpy's too), never a bool."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
 def check_group_size(group_size):
-    group_size = _int_arg("group_size", group_size)
+    group_size = check_int("group_size", group_size)
     if group_size < 2 or group_size % 2:
         raise ValueError(f"group_size must be an even int >= 2, got {group_size}")
     return group_size
 
 
 def check_num_sink(num_sink):
-    num_sink = _int_arg("num_sink", num_sink)
+    num_sink = check_int("num_sink", num_sink)
     if num_sink < 0:
         raise ValueError(f"num_sink must be >= 0, got {num_sink}")
     return num_sink
@@ -97,7 +82,7 @@ def check_args(q, k, v, group_size, num_sink, shift_heads, mode, softmax_scale):
     check_mode(mode)
     if shift_heads is None:
         shift_heads = hq // 2
-    shift_heads = _int_arg("shift_heads", shift_heads)
+    shift_heads = check_int("shift_heads", shift_heads)
     if not 0 <= shift_heads <= hq:
         raise ValueError(f"shift_heads must be in [0, {hq}] (number of q heads), got {shift_heads}")
     if mode == "s2" and n % group_size:
@@ -110,17 +95,6 @@ def check_args(q, k, v, group_size, num_sink, shift_heads, mode, softmax_scale):
     group_size = min(group_size, 2 * n)
     return SFParams(b, hq, hkv, n, d, group_size, num_sink, shift_heads, mode,
                     check_softmax_scale(softmax_scale, d))
-
-
-def check_softmax_scale(softmax_scale, head_dim):
-    """``softmax_scale`` as a float: ``1 / sqrt(head_dim)`` when ``None``, else a finite
-    positive number (SF-Attn and H2O share this rule)."""
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    softmax_scale = _float_arg("softmax_scale", softmax_scale)
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a finite positive float, got {softmax_scale}")
-    return softmax_scale
 
 
 def check_kernel_args(p):

@@ -5,8 +5,9 @@ the package exists to avoid.
 """
 import torch
 
-from .params import _int_arg, check_args
-from .pattern import plain
+from .._checks import check_int
+from .params import check_args
+from ..kernels.pattern import plain
 
 
 def dense_mask(seq_len, num_heads, *, group_size, num_sink=4, shift_heads=None, mode="sf",
@@ -15,7 +16,7 @@ def dense_mask(seq_len, num_heads, *, group_size, num_sink=4, shift_heads=None, 
     when query ``i`` of head ``h`` sees key ``j``. The pattern arguments are
     :func:`~sinklora.sf_attention`'s, with the same defaults and checks; the mask is made on
     ``device`` (default: the CPU)."""
-    seq_len, num_heads = _int_arg("seq_len", seq_len), _int_arg("num_heads", num_heads)
+    seq_len, num_heads = check_int("seq_len", seq_len), check_int("num_heads", num_heads)
     for name, value in (("seq_len", seq_len), ("num_heads", num_heads)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")

@@ -5,7 +5,8 @@ import contextlib
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sinklora.h2o import H2OLayer, H2OState
+from sinklora.h2o import H2OState
+from sinklora.hf.cache import H2OLayer
 from sinklora.testing import rel_err  # noqa: F401  re-exported to the tests
 
 # Relative error ``||out - ref|| / ||ref||`` against float64, per input dtype: fp16 rounds the

@@ -8,18 +8,18 @@ from sinklora import H2OCache, h2o_decode, h2o_prefill
 BUDGET = dict(heavy_budget=4, recent_budget=2, num_sink=1)
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(heavy_budget=-1, recent_budget=2), "heavy_budget"),
-    (dict(heavy_budget=2, recent_budget=-3), "recent_budget"),
-    (dict(heavy_budget=2, recent_budget=2, num_sink=-1), "num_sink"),
-    (dict(heavy_budget=2.0, recent_budget=2), "heavy_budget"),
-    (dict(heavy_budget=2, recent_budget="4"), "recent_budget"),
-    (dict(heavy_budget=2, recent_budget=2, num_sink=True), "num_sink"),
-    (dict(heavy_budget=0, recent_budget=0, num_sink=0), "total budget"),
-    (dict(heavy_budget=2, recent_budget=2, backend="cuda"), "backend"),
+@pytest.mark.parametrize("kwargs,error,name", [
+    (dict(heavy_budget=-1, recent_budget=2), ValueError, "heavy_budget"),
+    (dict(heavy_budget=2, recent_budget=-3), ValueError, "recent_budget"),
+    (dict(heavy_budget=2, recent_budget=2, num_sink=-1), ValueError, "num_sink"),
+    (dict(heavy_budget=2.0, recent_budget=2), TypeError, "heavy_budget"),
+    (dict(heavy_budget=2, recent_budget="4"), TypeError, "recent_budget"),
+    (dict(heavy_budget=2, recent_budget=2, num_sink=True), TypeError, "num_sink"),
+    (dict(heavy_budget=0, recent_budget=0, num_sink=0), ValueError, "total budget"),
+    (dict(heavy_budget=2, recent_budget=2, backend="cuda"), ValueError, "backend"),
 ])
-def test_cache_rejects_bad_budgets(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+def test_cache_rejects_bad_budgets(kwargs, error, name):
+    with pytest.raises(error, match=name):
         H2OCache(**kwargs)
 
 

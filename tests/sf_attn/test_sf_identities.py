@@ -1,5 +1,5 @@
 """The identities of docs/spec/sf_attn.md as property tests, each against an algorithm written
-here independently of ``sinklora.sf_attn.pattern``: LongLoRA's roll-and-reshape S2-Attn, its
+here independently of ``sinklora.kernels.pattern``: LongLoRA's roll-and-reshape S2-Attn, its
 flash-attn varlen formulation, full causal attention for ``G >= N``; and the fallback against
 the dense reference in float64."""
 import pytest

@@ -1,4 +1,4 @@
-"""``dense_mask`` (built from ``sinklora.sf_attn.pattern``) against the spec's own formulas,
+"""``dense_mask`` (built from ``sinklora.kernels.pattern``) against the spec's own formulas,
 element by element, and the structural properties the spec promises."""
 import pytest
 import torch

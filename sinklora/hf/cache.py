@@ -3,7 +3,7 @@
 How the pieces meet. transformers' attention layer calls ``cache.update(k, v, layer_idx)``
 and then the registered attention function, which is not given the cache. ``update`` here
 stores nothing: it parks the new key/value on the layer and binds the layer to this thread;
-sinklora's attention function (``sinklora/hf.py``) finds, with :func:`bound_layer`, the layer
+sinklora's attention function (``sinklora/hf/attention.py``) finds, with :func:`bound_layer`, the layer
 whose parked key *is* the key it was handed, and runs prefill or the fused decode step, which
 attends, scores, evicts and stores in one go. ``update`` returns the new key/value unchanged,
 so the padding mask transformers builds (``get_mask_sizes``) covers exactly those tokens.
@@ -18,9 +18,9 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..kernels.common import BACKENDS, resolve_backend
-from .budget import check_budget
-from .ops import decode, prefill
+from .._checks import check_backend, resolve_backend
+from ..h2o.budget import check_budget
+from ..h2o.ops import decode, prefill
 
 _bound = threading.local()
 
@@ -182,8 +182,7 @@ class H2OCache(Cache):
 
     def __init__(self, heavy_budget, recent_budget, num_sink=0, *, backend="auto"):
         self.budget = check_budget(heavy_budget, recent_budget, num_sink)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.backend = backend
         self._last_updated = None
         super().__init__(layers=[])

@@ -28,10 +28,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
 
-from . import h2o
-from .sf_attn import sf_attention, sf_attention_reference
-from .sf_attn.params import (_float_arg, _int_arg, check_group_size, check_mode,
-                              check_num_sink)
+from .._checks import check_float, check_int
+from ..sf_attn import sf_attention, sf_attention_reference
+from ..sf_attn.params import check_group_size, check_mode, check_num_sink
+from .cache import bound_layer
 
 ATTN_NAME = "sinklora"
 REFERENCE_ATTN_NAME = "sinklora_reference"
@@ -47,7 +47,7 @@ _default_settings = None  # set by replace_llama_attn() without a model
 
 def sf_settings(group_size_ratio=0.25, group_size=None, num_sink=4, mode="sf", shift_heads=None):
     """Validated SF-Attn settings as the dict stored on a config under ``CONFIG_KEY``."""
-    group_size_ratio = _float_arg("group_size_ratio", group_size_ratio)
+    group_size_ratio = check_float("group_size_ratio", group_size_ratio)
     if not (math.isfinite(group_size_ratio) and 0 < group_size_ratio <= 1):
         raise ValueError(f"group_size_ratio must be in (0, 1], got {group_size_ratio}")
     if group_size is not None:
@@ -55,7 +55,7 @@ def sf_settings(group_size_ratio=0.25, group_size=None, num_sink=4, mode="sf", s
     num_sink = check_num_sink(num_sink)
     check_mode(mode)
     if shift_heads is not None:
-        shift_heads = _int_arg("shift_heads", shift_heads)
+        shift_heads = check_int("shift_heads", shift_heads)
         if shift_heads < 0:
             raise ValueError(f"shift_heads must be >= 0 or None, got {shift_heads}")
     return {"group_size_ratio": group_size_ratio, "group_size": group_size,
@@ -158,7 +158,7 @@ def sinklora_attention_forward(module, query, key, value, attention_mask, scalin
     expanded), ``attention_mask`` the 2-D bool padding mask ``[B, kv_len]`` or ``None``.
     Returns ``([B, q_len, Hq, D], None)``.
     """
-    layer = h2o.bound_layer(key)
+    layer = bound_layer(key)
     q_len, kv_len = query.shape[2], key.shape[2]
     try:
         # An H2OCache hands over only the new keys; the window applies to every key seen.

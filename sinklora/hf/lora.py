@@ -4,7 +4,7 @@ import math
 from peft import LoraConfig
 from transformers import PreTrainedConfig
 
-from .sf_attn.params import _float_arg, _int_arg
+from .._checks import check_float, check_int
 
 # LongLoRA trains LoRA on the attention projections plus, in full, every parameter whose name
 # contains "embed" or "norm" (its --trainable_params "embed,norm"). peft's modules_to_save
@@ -32,13 +32,13 @@ def lora_config(r=8, alpha=16, *, dropout=0.05, target_modules=LORA_TARGETS,
             iterable of str; empty for plain LoRA.
         **kwargs: passed on to ``LoraConfig``.
     """
-    r = _int_arg("r", r)
+    r = check_int("r", r)
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")
-    alpha = _float_arg("alpha", alpha)
+    alpha = check_float("alpha", alpha)
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a finite positive number, got {alpha}")
-    dropout = _float_arg("dropout", dropout)
+    dropout = check_float("dropout", dropout)
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     target_modules = _module_names("target_modules", target_modules)
@@ -93,7 +93,7 @@ def extend_context(model_or_config, max_length):
         the scaling factor now in effect: the new int factor, or the model's own (1 for
         default RoPE) when it already covers ``max_length``.
     """
-    max_length = _int_arg("max_length", max_length)
+    max_length = check_int("max_length", max_length)
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     model = None if isinstance(model_or_config, PreTrainedConfig) else model_or_config
