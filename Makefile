@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.sinklora-installed
 
-.PHONY: install test test-gpu demo bench clean
+.PHONY: install test test-gpu demo bench warm-gpu-cache clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,15 @@ test: $(STAMP)
 GPU_PY ?= python3
 test-gpu:
 	TRITON_INTERPRET=0 PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q tests
+
+# A Triton cache for the GPU machine's first-light call (bench/warm_triton_cache.py), made
+# here with that machine's Triton, 3.6.0, in a venv of its own; the call carries build/triton-cache.
+WARM_VENV := build/warm-venv
+warm-gpu-cache:
+	$(PY) -m venv $(WARM_VENV)
+	$(WARM_VENV)/bin/python -c "import torch" 2>/dev/null || $(WARM_VENV)/bin/python -m pip install "torch==2.13.*"
+	$(WARM_VENV)/bin/python -m pip install -q "triton==3.6.0" -e ".[test]"
+	$(WARM_VENV)/bin/python bench/warm_triton_cache.py
 
 demo: $(STAMP)
 	$(VPY) -m sinklora.demo

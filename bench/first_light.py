@@ -21,6 +21,10 @@ Everything goes to ``--out`` (``$OUT`` on the device machine): ``first_light.log
 part's output as it comes), ``env.json``, the result CSVs as their rows are measured, and
 ``summary.md``: the part table and the target ratios, also printed last. At most 8 files.
 
+Triton's cache is ``TRITON_CACHE_DIR`` or ``build/triton-cache``: carried in with the tree after
+``make warm-gpu-cache`` (``bench/warm_triton_cache.py``), its kernels are loaded, not compiled;
+the part table counts the kernels each part compiled all the same.
+
 ``--dry-run`` runs the very same parts on CPU at toy sizes (the kernels under Triton's
 interpreter, the benchmarks' PyTorch paths): ``tests/bench/test_first_light.py`` runs it, so a
 typo cannot cost a GPU call.
@@ -143,6 +147,7 @@ def env_part(out):
         info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     except (OSError, subprocess.TimeoutExpired) as exc:
         info["nvidia_smi"] = f"not available ({type(exc).__name__})"
+    info.update(triton_cache(Path(os.environ.get("TRITON_CACHE_DIR", REPO / "build" / "triton-cache"))))
     info["cuda"] = torch.cuda.is_available()
     if info["cuda"]:
         import triton.testing
@@ -167,6 +172,31 @@ def env_part(out):
     (Path(out) / "env.json").write_text(json.dumps(info, indent=1) + "\n")
     for key, value in info.items():
         print(f"{key}: {value}")
+
+
+def triton_cache(cache_dir):
+    """This Triton's cache key digest and ptxas version (both part of every kernel's key), and
+    whether a carried cache (``bench/warm_triton_cache.py``) was made for this key."""
+    from triton.runtime.cache import triton_key
+
+    from warm_triton_cache import key_digest
+
+    info = {"triton_key_sha256": key_digest(triton_key())}
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        info["ptxas"] = get_ptxas_version(90).strip().splitlines()[-1]
+    except Exception as exc:  # noqa: BLE001  informational: ptxas may be missing (CPU)
+        info["ptxas"] = f"not available ({type(exc).__name__})"
+    warmed = cache_dir / "WARMED.json"
+    if warmed.exists():
+        record = json.loads(warmed.read_text())
+        info["carried_cache"] = (f"{record['kernels']} kernels warmed at {record['git_sha']}, "
+                                 f"for this Triton: "
+                                 f"{record['device_key_sha256'] == info['triton_key_sha256']}")
+    else:
+        info["carried_cache"] = "none"
+    return info
 
 
 def headline_steps(py, out, dry_run):
@@ -224,7 +254,7 @@ def part_commands(name, py, out, dry_run):
 SOFT_BUDGET = {"headline", "tune"}
 
 
-def describe(result, lines, out):
+def describe(result, lines):
     """One-line results of a part for the summary table."""
     if result.part == "smoke":
         tail = [line for line in lines if " passed" in line or " failed" in line
@@ -237,7 +267,8 @@ def describe(result, lines, out):
         return [line.strip() for line in lines if "sinklora_triton" in line][-1:]
     if result.part == "env":
         return [line for line in lines if line.split(":")[0] in (
-            "device", "nvidia_smi", "torch", "triton", "copy_tb_s", "bf16_matmul_tflops")]
+            "device", "nvidia_smi", "torch", "triton", "carried_cache", "copy_tb_s",
+            "bf16_matmul_tflops")]
     return []
 
 
@@ -305,7 +336,7 @@ def main(argv=None):
         result.compiles = cache_entries(cache_dir) - before
         bad = [s for s in statuses if s != "ok"]
         result.status = "ok" if not bad else ", ".join(dict.fromkeys(bad))
-        result.detail = describe(result, all_lines, args.out)
+        result.detail = describe(result, all_lines)
 
     write_summary(args.out, results, log, time.monotonic() - start, carried)
     return 0 if all(r.status == "ok" for r in results) else 1
@@ -324,7 +355,10 @@ def write_summary(out, results, log, elapsed, carried):
     for r in results:
         if r.detail:
             text += [f"{r.part}:", *[f"    {d}" for d in r.detail], ""]
-    bench = bench_summary.summarize(out)
+    try:
+        bench = bench_summary.summarize(out)
+    except Exception as exc:  # noqa: BLE001  e.g. a CSV row cut by a kill: keep the table
+        bench = f"(no benchmark summary: {type(exc).__name__}: {exc})"
     targets = [line for line in bench.splitlines() if line.startswith("- ")]
     text += ["Targets:", *targets, "", bench]
     (Path(out) / "summary.md").write_text("\n".join(text) + "\n")

@@ -6,7 +6,8 @@
 #
 #   (no step)  first light, bench/first_light.py: environment, the gpu_smoke tests, the headline
 #              benchmark, a quick tile sweep and N = 128k, each part with its own deadline,
-#              540 s in all; `--dry-run` runs the same parts on CPU at toy sizes
+#              540 s in all; `--dry-run` runs the same parts on CPU at toy sizes; carry
+#              build/triton-cache (make warm-gpu-cache) with the tree to skip compiling
 #   tune       bench/tune_sf.py: SF-Attn tile candidates timed per kernel
 #   test       the test suite compiled on the GPU (make test-gpu, bf16 included), then
 #              bench/long_sequence.py (N = 540,672 and 128k, exact float64 slice checks)

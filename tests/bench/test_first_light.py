@@ -154,3 +154,28 @@ def test_summary_states_the_prefill_target():
     lines = summary.h2o_targets([row("sinklora_h2o_prefill_50", 1.2), row("sdpa_prefill", 1.0)])
     assert lines == ["- B=8 Hq=32 Hkv=8 N=16384: H2O prefill / causal SDPA prefill time: 1.200 "
                      "(target <= 1.3): met"]
+
+
+def test_warmed_cache_is_loaded_instead_of_compiled(tmp_path):
+    """The warming mechanism with this machine's own Triton key: a second process making the
+    same launches loads every kernel from the cache and compiles none."""
+    pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, str(BENCH / "warm_triton_cache.py"), "--cache-dir", str(cache),
+           "--parts", "check", "--key", "local"]
+    outputs = []
+    for _ in range(2):
+        run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        outputs.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    first, second = outputs
+    assert first["compiled"] >= 6 and first["loaded"] == 0  # SF-Attn 4 kernels, H2O decode 2
+    assert second == dict(first, compiled=0, loaded=first["compiled"], seconds=second["seconds"])
+    assert json.loads((cache / "WARMED.json").read_text()) == second
+
+    import warm_triton_cache
+    from triton.runtime.cache import triton_key
+
+    assert first["device_key_sha256"] == warm_triton_cache.key_digest(triton_key())
+    info = first_light.triton_cache(cache)
+    assert info["carried_cache"].endswith("for this Triton: True")
