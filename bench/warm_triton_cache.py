@@ -75,15 +75,14 @@ def compile_only(device_key):
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
-    import sinklora.h2o.cache
     import sinklora.h2o.ops
+    import sinklora.hf.cache
     import sinklora.sf_attn.api
     from sinklora.kernels import h2o_decode
 
     saved = [(triton_cache, "triton_key"), (JITFunction, "run"),
              (h2o_decode, "_num_splits"), (h2o_decode, "_sm_count")]
-    backend_users = [m for m in (sinklora.sf_attn.api, sinklora.h2o.ops, sinklora.h2o.cache)
-                     if hasattr(m, "resolve_backend")]
+    backend_users = [sinklora.sf_attn.api, sinklora.h2o.ops, sinklora.hf.cache]
     saved += [(m, "resolve_backend") for m in backend_users]
     originals = [(obj, name, getattr(obj, name)) for obj, name in saved]
     run, num_splits = JITFunction.run, h2o_decode._num_splits

@@ -43,10 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .pattern import (group_end, group_start, head_shift, in_group, in_sink, in_wrap,
-                               wrap_start)
 from .common import (FMA, LOG2E, cdiv, dot_precision, interpreted, next_power_of_2,
                      online_softmax_step)
+from .pattern import group_end, group_start, head_shift, in_group, in_sink, in_wrap, wrap_start
 
 DELTA_ROWS = 32  # rows per program of the delta preprocess (o and do tiles, no dots)
 
