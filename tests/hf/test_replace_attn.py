@@ -113,7 +113,7 @@ def test_default_for_new_llama_models(monkeypatch):
     # Undo the class-level switch after the test, so other tests keep transformers' default.
     monkeypatch.setattr(LlamaPreTrainedModel, "get_correct_attn_implementation",
                         LlamaPreTrainedModel.get_correct_attn_implementation)
-    monkeypatch.setattr(hf, "_default_settings", None)
+    monkeypatch.setattr(hf.attention, "_default_settings", None)
     config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, vocab_size=64)
     before = LlamaForCausalLM(LlamaConfig(**config))
@@ -129,7 +129,7 @@ def test_default_for_new_llama_models(monkeypatch):
 def test_default_settings_replace_saved_ones_unless_sinklora_is_asked_for(monkeypatch, tmp_path):
     monkeypatch.setattr(LlamaPreTrainedModel, "get_correct_attn_implementation",
                         LlamaPreTrainedModel.get_correct_attn_implementation)
-    monkeypatch.setattr(hf, "_default_settings", None)
+    monkeypatch.setattr(hf.attention, "_default_settings", None)
     build("llama", "sinklora", group_size=8, num_sink=0).save_pretrained(tmp_path)
     sinklora.replace_llama_attn(group_size=16, num_sink=4)
     default = LlamaForCausalLM.from_pretrained(tmp_path)
