@@ -7,6 +7,8 @@ setup(
     "H2O KV-cache eviction for decoding",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=find_packages(include=["sinklora", "sinklora.*"]),
     install_requires=[
