@@ -21,13 +21,9 @@ class H2OBudget:
 def check_budget(heavy_budget, recent_budget, num_sink=0):
     """Validated :class:`H2OBudget`; ``TypeError`` (not an int) or ``ValueError`` (negative, or
     a total of 0) names the bad argument."""
-    values = {}
-    for name, value in (("heavy_budget", heavy_budget), ("recent_budget", recent_budget),
-                        ("num_sink", num_sink)):
-        values[name] = check_int(name, value)
-        if values[name] < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if sum(values.values()) == 0:
+    budget = H2OBudget(*(check_int(name, value, minimum=0) for name, value in zip(
+        ("heavy_budget", "recent_budget", "num_sink"), (heavy_budget, recent_budget, num_sink))))
+    if budget.total == 0:
         raise ValueError("heavy_budget + recent_budget + num_sink must be > 0, "
                          "got a total budget of 0")
-    return H2OBudget(**values)
+    return budget

@@ -1,9 +1,9 @@
-"""Argument checking shared by every SF-Attn entry point (reference, fallback, kernels)."""
+"""SF-Attn's own argument rules (pattern, mode, kernel limits; the tensor checks are in
+``sinklora._checks``) and the checked parameters they resolve to, shared by every entry point
+(reference, fallback, kernels)."""
 from dataclasses import dataclass
 
-import torch
-
-from .._checks import check_int, check_softmax_scale
+from .._checks import check_attention_inputs, check_int, check_softmax_scale
 from ..kernels.pattern import plain
 
 MODES = ("sf", "s2")
@@ -39,10 +39,7 @@ def check_group_size(group_size):
 
 
 def check_num_sink(num_sink):
-    num_sink = check_int("num_sink", num_sink)
-    if num_sink < 0:
-        raise ValueError(f"num_sink must be >= 0, got {num_sink}")
-    return num_sink
+    return check_int("num_sink", num_sink, minimum=0)
 
 
 def check_mode(mode):
@@ -52,30 +49,8 @@ def check_mode(mode):
 
 def check_args(q, k, v, group_size, num_sink, shift_heads, mode, softmax_scale):
     """Validates the SF-Attn arguments and returns them resolved (defaults filled in)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    b, hq, n, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d:
-        raise ValueError(
-            f"k must be [B, Hkv, N, D] = [{b}, Hkv, {n}, {d}] to match q, got {tuple(k.shape)}"
-        )
-    hkv = k.shape[1]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
-    if n == 0 or d == 0 or b == 0:
-        raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)}")
-
+    check_attention_inputs(("q", "k", "v"), (q, k, v), "B, H, N, D")
+    (b, hq, n, d), hkv = q.shape, k.shape[1]
     group_size = check_group_size(group_size)
     # Sinks past the sequence change nothing; clamped so no buffer is sized by them.
     num_sink = min(check_num_sink(num_sink), n)

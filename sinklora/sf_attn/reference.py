@@ -16,10 +16,8 @@ def dense_mask(seq_len, num_heads, *, group_size, num_sink=4, shift_heads=None, 
     when query ``i`` of head ``h`` sees key ``j``. The pattern arguments are
     :func:`~sinklora.sf_attention`'s, with the same defaults and checks; the mask is made on
     ``device`` (default: the CPU)."""
-    seq_len, num_heads = check_int("seq_len", seq_len), check_int("num_heads", num_heads)
-    for name, value in (("seq_len", seq_len), ("num_heads", num_heads)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    seq_len = check_int("seq_len", seq_len, minimum=1)
+    num_heads = check_int("num_heads", num_heads, minimum=1)
     shape = torch.empty(1, num_heads, seq_len, 1, device="meta")  # a shape without data
     return _mask(check_args(shape, shape, shape, group_size, num_sink, shift_heads, mode, None),
                  device)

@@ -177,3 +177,30 @@ def test_new_pad_is_not_attended_nor_scored(backend, device):
     assert state.positions[0, 0].tolist() == [0, 1, 2, -1]
     assert state.next_position.tolist() == [3], "a pad is not a token of the sequence"
     assert state.scores[0, 0].tolist() == [1.0, 2.0, 3.0, 0.0], "a pad's query scores nothing"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_bookkeeping_advances_once_per_step(backend, device):
+    """Each step stores one entry more until the budget, the storage growing geometrically but
+    never past it; ``next_position`` counts the real tokens (a pad step adds none), once per
+    step on either backend; the Triton path makes its tickets once and leaves them at zero."""
+    budget = dict(heavy_budget=3, recent_budget=3, num_sink=2)
+    q, k, v = random_qkv(3, DTYPE[backend], device)
+    real = pad_mask(BATCH, 3, [(1, 0, 1)], device)
+    _, state = h2o_prefill(q, k, v, padding_mask=real, backend=backend, **budget)
+    seen, lengths, capacities, tickets = [3, 2], [], [], []
+    for step in range(7):
+        new_real = torch.tensor([True, step != 2], device=device)
+        qn, kn, vn = (t[:, :, 0] for t in random_qkv(1, DTYPE[backend], device))
+        h2o_decode(qn, state, kn, vn, padding_mask=new_real, backend=backend)
+        seen = [s + int(r) for s, r in zip(seen, new_real.tolist())]
+        assert state.next_position.tolist() == seen
+        lengths.append(state.length)
+        capacities.append(state.capacity)
+        tickets.append(state.tickets)
+    assert lengths == [4, 5, 6, 7, 8, 8, 8]
+    assert capacities == [6, 6, 6, 8, 8, 8, 8]
+    if backend == "torch":
+        assert tickets == [None] * 7
+    else:
+        assert all(t is tickets[0] for t in tickets) and not tickets[0].any()

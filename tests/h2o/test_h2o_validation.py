@@ -39,14 +39,21 @@ def test_prefill_rejects_bad_tensors():
         h2o_prefill(q, k, v, heavy_budget=-2, recent_budget=1)
     with pytest.raises(ValueError, match="query must be 4-D"):
         h2o_prefill(q[0], k, v, **BUDGET)
-    with pytest.raises(ValueError, match="must agree in B and in every dim after the heads"):
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of key/value "
+                                         r"heads \(3\)"):
         h2o_prefill(q, torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16), **BUDGET)
+    with pytest.raises(ValueError, match=r"^key must be \[B, Hkv, n, D\] = \[2, Hkv, 5, 16\]"):
+        h2o_prefill(q, k[..., :8], v[..., :8], **BUDGET)
+    with pytest.raises(TypeError, match="key must be a floating-point tensor"):
+        h2o_prefill(q, k.long(), v, **BUDGET)
     with pytest.raises(TypeError, match="share a dtype"):
         h2o_prefill(q, k.double(), v.double(), **BUDGET)
     with pytest.raises(ValueError, match="padding_mask"):
         h2o_prefill(q, k, v, padding_mask=torch.ones(2, 4), **BUDGET)
     with pytest.raises(ValueError, match="padding_mask must hold only 0 and 1"):
         h2o_prefill(q, k, v, padding_mask=torch.full((2, 5), 0.5), **BUDGET)
+    with pytest.raises(TypeError, match="padding_mask must be a torch.Tensor"):
+        h2o_prefill(q, k, v, padding_mask=[[1] * 5] * 2, **BUDGET)
     with pytest.raises(ValueError, match="softmax_scale"):
         h2o_prefill(q, k, v, softmax_scale=-1.0, **BUDGET)
     with pytest.raises(ValueError, match="softmax_scale"):
@@ -86,7 +93,13 @@ def test_decode_rejects_a_state_that_does_not_fit():
         h2o_decode(step[0][:1], state, step[1][:1], step[2][:1], **BUDGET)
     with pytest.raises(ValueError, match="must be the ones the state was prefilled with"):
         h2o_decode(*step[:1], state, *step[1:], **{**BUDGET, "num_sink": 0})
+    with pytest.raises(ValueError, match="heavy_budget must be >= 0"):
+        h2o_decode(*step[:1], state, *step[1:], heavy_budget=-1)
+    with pytest.raises(TypeError, match="recent_budget must be an int"):
+        h2o_decode(*step[:1], state, *step[1:], recent_budget=2.0)
     state.budget = None  # as a state assembled by hand: only its size can be checked
+    with pytest.raises(TypeError, match="recent_budget must be an int, got NoneType"):
+        h2o_decode(*step[:1], state, *step[1:], heavy_budget=4)
     with pytest.raises(ValueError, match="more than the budget"):
         h2o_decode(*step[:1], state, *step[1:], heavy_budget=1, recent_budget=1)
     with pytest.raises(ValueError, match="more than the budget"):  # one entry too many
@@ -121,3 +134,20 @@ def test_triton_decode_refuses_strided_storage(device):
     state.score_buffer = state.score_buffer.transpose(0, 1).contiguous().transpose(0, 1)
     with pytest.raises(ValueError, match="must be contiguous"):
         h2o_decode(q[:, :, 0], state, k[:, :, 0], v[:, :, 0], backend="triton", **BUDGET)
+
+
+@pytest.mark.parametrize("given", [{}, {"heavy_budget": 4}, BUDGET])
+def test_decode_takes_the_budget_from_the_state(given):
+    """The budget arguments default to the state's; given, they must equal it (one decode step
+    each way keeps the same entries with the same scores)."""
+    q, k, v = qkv(n=9)  # past the budget: the steps evict
+    _, state = h2o_prefill(q, k, v, backend="torch", **BUDGET)
+    _, twin = h2o_prefill(q, k, v, backend="torch", **BUDGET)
+    for t in range(3):
+        step = (q[:, :, t], k[:, :, t], v[:, :, t])
+        out, state = h2o_decode(step[0], state, *step[1:], backend="torch", **given)
+        want, twin = h2o_decode(step[0], twin, *step[1:], backend="torch", **BUDGET)
+        assert torch.equal(out, want)
+    assert state.budget == twin.budget and state.length == twin.length == 7
+    for mine, theirs in zip(state.buffers, twin.buffers):
+        assert torch.equal(mine, theirs)
