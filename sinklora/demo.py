@@ -18,9 +18,8 @@ import peft
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
-import sinklora
-
-from .hf import CACHE_ARG, REFERENCE_ATTN_NAME, group_size_for
+from .hf import (ATTN_NAME, CACHE_ARG, REFERENCE_ATTN_NAME, H2OCache, extend_context,
+                 group_size_for, lora_config, replace_llama_attn)
 from .train import blocks, tiny_config, tokenize_corpus
 
 # Relative loss difference allowed between SF-Attn and the float64 dense reference: fp32 on
@@ -49,7 +48,7 @@ def train_steps(model, batches, steps, dtype):
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             base.set_attn_implementation(REFERENCE_ATTN_NAME)
             reference = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
-            base.set_attn_implementation("sinklora")
+            base.set_attn_implementation(ATTN_NAME)
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
@@ -99,10 +98,10 @@ def main(argv=None):
           f"{'the Triton kernels' if cuda else 'the PyTorch fallback (no CUDA)'}")
 
     config = tiny_config()
-    factor = sinklora.extend_context(config, args.seq_len)
+    factor = extend_context(config, args.seq_len)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    sinklora.replace_llama_attn(model)  # G = seq_len / 4, 4 sinks, half the heads shifted
-    model = peft.get_peft_model(model, sinklora.lora_config())
+    replace_llama_attn(model)  # G = seq_len / 4, 4 sinks, half the heads shifted
+    model = peft.get_peft_model(model, lora_config())
     print(f"tiny Llama: {config.num_hidden_layers} layers, {config.num_attention_heads} query / "
           f"{config.num_key_value_heads} kv heads, RoPE x{factor} (linear) to {args.seq_len} "
           f"tokens, SF-Attn group size {group_size_for(config.sinklora, args.seq_len)}")
@@ -123,7 +122,7 @@ def main(argv=None):
     dense, speed, size = generate(model, prompt, args.new_tokens, DynamicCache(config=config))
     print(f"  {'DynamicCache':<34} {speed:8.1f} tok/s  {size / 1024:8.1f} KiB")
     for name, budget in (("full", total), ("half", total // 2)):
-        cache = sinklora.H2OCache(heavy_budget=budget // 2, recent_budget=budget - budget // 2)
+        cache = H2OCache(heavy_budget=budget // 2, recent_budget=budget - budget // 2)
         out, speed, size = generate(model, prompt, args.new_tokens, cache)
         label = f"H2OCache {name} budget ({budget} entries)"
         same = "same tokens as DynamicCache" if torch.equal(out, dense) else (

@@ -1,6 +1,9 @@
 """Padded (left / right) and packed batches give each sequence / document exactly what it gets
 alone: logits at real tokens and the gradients of a per-token loss, in training (SF-Attn, groups
 and sinks per document) and in evaluation (full causal attention per document)."""
+import gc
+import weakref
+
 import pytest
 import torch
 from hf_helpers import build, rel_err
@@ -155,6 +158,35 @@ def test_position_ids_changed_in_place_are_seen(training):
         got = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
         want = model(input_ids=ids, position_ids=position_ids.clone(), use_cache=False).logits
     assert rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_documents_found_once_per_forward_and_not_kept(training, monkeypatch):
+    """One split per forward for all layers; its tensors go with the forward's (transformers'
+    padding mask) or with the caller's position_ids, not kept for the next call."""
+    model = build("llama", "sinklora", group_size=4).train(training)
+    splits, find = [], hf.documents.find_documents
+
+    def find_documents(*args):
+        docs = find(*args)
+        splits.append([weakref.ref(t) for pair in docs for t in pair])
+        return docs
+
+    monkeypatch.setattr(hf.documents, "find_documents", find_documents)
+    ids = torch.randint(1, 256, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0
+    position_ids = torch.tensor([list(range(7)) + list(range(5))])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+        assert len(splits) == 1  # two layers
+        gc.collect()
+        assert all(ref() is None for ref in splits[0])
+        model(input_ids=ids[:1], position_ids=position_ids, use_cache=False)
+        assert len(splits) == 2
+        del position_ids
+        gc.collect()
+        assert all(ref() is None for ref in splits[1])
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

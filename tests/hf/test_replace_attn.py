@@ -109,11 +109,15 @@ def test_settings_stored_on_config_and_saved(tmp_path):
                                "mode": "sf", "shift_heads": 1}
 
 
-def test_default_for_new_llama_models(monkeypatch):
-    # Undo the class-level switch after the test, so other tests keep transformers' default.
-    monkeypatch.setattr(LlamaPreTrainedModel, "get_correct_attn_implementation",
-                        LlamaPreTrainedModel.get_correct_attn_implementation)
-    monkeypatch.setattr(hf.attention, "_default_settings", None)
+@pytest.fixture
+def restored():
+    """Undoes replace_llama_attn()'s default after the test, so other tests keep transformers'."""
+    yield
+    hf.restore_llama_attn()
+    assert "get_correct_attn_implementation" not in LlamaPreTrainedModel.__dict__
+
+
+def test_default_for_new_llama_models(restored):
     config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, vocab_size=64)
     before = LlamaForCausalLM(LlamaConfig(**config))
@@ -126,10 +130,28 @@ def test_default_for_new_llama_models(monkeypatch):
     assert explicit.config._attn_implementation == "sdpa"
 
 
-def test_default_settings_replace_saved_ones_unless_sinklora_is_asked_for(monkeypatch, tmp_path):
-    monkeypatch.setattr(LlamaPreTrainedModel, "get_correct_attn_implementation",
-                        LlamaPreTrainedModel.get_correct_attn_implementation)
-    monkeypatch.setattr(hf.attention, "_default_settings", None)
+def test_restore_gives_new_llama_models_transformers_default(restored, tmp_path):
+    def config():  # a fresh one each time: a model writes its implementation on its config
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, vocab_size=64)
+
+    default = LlamaForCausalLM(config()).config._attn_implementation
+    LlamaForCausalLM(config()).save_pretrained(tmp_path)
+    sinklora.replace_llama_attn(group_size=4)
+    switched = LlamaForCausalLM(config())
+    hf.restore_llama_attn()
+    assert "get_correct_attn_implementation" not in LlamaPreTrainedModel.__dict__
+    for model in (LlamaForCausalLM(config()), LlamaForCausalLM.from_pretrained(tmp_path)):
+        assert model.config._attn_implementation == default == "sdpa"
+        assert getattr(model.config, hf.CONFIG_KEY, None) is None
+    # Models made under the default keep it; restoring again is a no-op.
+    assert switched.config._attn_implementation == "sinklora"
+    assert switched.config.sinklora["group_size"] == 4
+    hf.restore_llama_attn()
+    assert LlamaForCausalLM(config()).config._attn_implementation == "sdpa"
+
+
+def test_default_settings_replace_saved_ones_unless_sinklora_is_asked_for(restored, tmp_path):
     build("llama", "sinklora", group_size=8, num_sink=0).save_pretrained(tmp_path)
     sinklora.replace_llama_attn(group_size=16, num_sink=4)
     default = LlamaForCausalLM.from_pretrained(tmp_path)
