@@ -1,17 +1,18 @@
 """sinklora: Triton kernels for SinkLoRA (SF-Attn training attention, H2O KV-cache decoding).
 
 ``sf_attention``, ``h2o_prefill`` / ``h2o_decode`` and ``sinklora.kernels`` need only torch and
-triton. The Hugging Face names (``replace_llama_attn``, ``H2OCache``, ``lora_config``,
-``extend_context``) live in ``sinklora.hf``; when transformers and peft are installed,
-``import sinklora`` imports it, which registers the ``"sinklora"`` attention with transformers.
+triton. The Hugging Face names (``replace_llama_attn``, ``restore_llama_attn``, ``H2OCache``,
+``lora_config``, ``extend_context``) live in ``sinklora.hf``; when transformers and peft are
+installed, ``import sinklora`` imports it, which registers the ``"sinklora"`` attention.
 """
 from .h2o import H2OState, h2o_decode, h2o_prefill
 from .sf_attn import sf_attention
 
-HF_NAMES = ("replace_llama_attn", "lora_config", "extend_context", "H2OCache")
+HF_NAMES = ("replace_llama_attn", "restore_llama_attn", "lora_config", "extend_context",
+            "H2OCache")
 
 try:
-    from .hf import H2OCache, extend_context, lora_config, replace_llama_attn
+    from .hf import H2OCache, extend_context, lora_config, replace_llama_attn, restore_llama_attn
 except ModuleNotFoundError as exc:
     if (exc.name or "").split(".")[0] not in ("transformers", "peft"):
         raise

@@ -3,7 +3,7 @@
 How the pieces meet. transformers' attention layer calls ``cache.update(k, v, layer_idx)``
 and then the registered attention function, which is not given the cache. ``update`` here
 stores nothing: it parks the new key/value on the layer and binds the layer to this thread;
-sinklora's attention function (``sinklora/hf/attention.py``) finds, with :func:`bound_layer`, the layer
+sinklora's attention function (``attention.py``) finds, with :func:`bound_layer`, the layer
 whose parked key *is* the key it was handed, and runs prefill or the fused decode step, which
 attends, scores, evicts and stores in one go. ``update`` returns the new key/value unchanged,
 so the padding mask transformers builds (``get_mask_sizes``) covers exactly those tokens.

@@ -32,9 +32,7 @@ def lora_config(r=8, alpha=16, *, dropout=0.05, target_modules=LORA_TARGETS,
             iterable of str; empty for plain LoRA.
         **kwargs: passed on to ``LoraConfig``.
     """
-    r = check_int("r", r)
-    if r < 1:
-        raise ValueError(f"r must be >= 1, got {r}")
+    r = check_int("r", r, minimum=1)
     alpha = check_float("alpha", alpha)
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a finite positive number, got {alpha}")
@@ -93,9 +91,7 @@ def extend_context(model_or_config, max_length):
         the scaling factor now in effect: the new int factor, or the model's own (1 for
         default RoPE) when it already covers ``max_length``.
     """
-    max_length = check_int("max_length", max_length)
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    max_length = check_int("max_length", max_length, minimum=1)
     model = None if isinstance(model_or_config, PreTrainedConfig) else model_or_config
     config = model_or_config if model is None else getattr(model, "config", None)
     if not isinstance(config, PreTrainedConfig):
