@@ -40,8 +40,10 @@ warm-gpu-cache:
 demo: $(STAMP)
 	$(VPY) -m sinklora.demo
 
+# Results go to build/bench (ignored by git): `make bench` leaves a clone clean; the committed
+# runs in bench/results change only with --results-dir bench/results.
 bench: $(STAMP)
-	$(VPY) bench/run_all.py
+	$(VPY) -m bench.run_all
 
 clean:
 	rm -rf $(VENV) build *.egg-info

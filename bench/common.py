@@ -1,9 +1,12 @@
-"""Shared pieces of the benchmark scripts: timing, peak memory, correctness gates, the CSV rows
-and the record of where a run happened.
+"""Shared pieces of the benchmarks: the ``Provider`` type and the one run loop over shapes x
+providers, timing, peak memory, correctness gates, the environment record, the CSV writer and
+reader, the Markdown table and the deadline.
 
-Every script appends one row per (provider, pass, shape) to ``bench/results/<question>.csv``
+Every benchmark appends one row per (provider, pass, shape) to ``<results dir>/<question>.csv``
 with the columns in ``COLUMNS``; a provider that fails (out of memory, a compile error, a
-failed correctness gate) gets a row with ``error`` filled in instead of stopping the run.
+failed correctness gate) gets a row with ``error`` filled in instead of stopping the run. The
+results folder is ``build/bench`` (ignored by git) unless ``--results-dir`` names another:
+``bench/results`` holds the committed runs and changes only when it is named.
 """
 import argparse
 import csv
@@ -11,11 +14,14 @@ import datetime
 import gc
 import importlib.metadata
 import os
+import platform
 import statistics
 import subprocess
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,8 +35,8 @@ else:
 
 from sinklora.testing import rel_err  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "build" / "bench"
 
 COLUMNS = [
     "kernel", "provider", "pass", "B", "Hq", "Hkv", "N", "D", "G", "S", "budget", "dtype",
@@ -46,6 +52,25 @@ GATE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2
 
 class GateError(RuntimeError):
     """A provider's output disagrees with sinklora's: its timings would be meaningless."""
+
+
+@dataclass
+class Provider:
+    """One way of computing a benchmark's step, as a provider factory returns it.
+
+    ``fn`` is what is timed and ``note`` says how it runs. Its work is ``pattern`` (SF-Attn: the
+    ``sf_attention`` arguments whose visible pairs count) or ``budget`` (H2O: the entries kept
+    per sequence and kv head; None for a full cache). ``gate()`` checks its output before it is
+    timed and returns the note's gate part (None where the benchmark gates every provider the
+    same way); ``kv_bytes()`` is what a decode step leaves stored in the layer.
+    """
+
+    fn: Callable
+    note: str = ""
+    gate: Callable | None = None
+    pattern: dict | None = None
+    budget: int | None = None
+    kv_bytes: Callable | None = None
 
 
 def git_sha():
@@ -66,43 +91,57 @@ def git_sha():
     return sha + ("-dirty" if dirty else "")
 
 
-def _version(package):
+def version(package):
+    """The installed version of ``package``, or ``"not installed"``."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
 
 
-def environment(device):
-    """The columns that say where and with what a run happened (the same for all its rows).
+def environment(device, **extra):
+    """The record of where and with what a run happened (the same for all its rows), with
+    ``extra`` entries (the paper experiments' corpus).
 
     ``BENCH_RUN_ID`` names the run instead of the start time, so that several scripts of one
-    session (``bench/first_light.py``) form one run for the plots and the summary."""
-    now = os.environ.get("BENCH_RUN_ID") or timestamp()
+    device call (``bench/first_light.py``) form one run for the plots and the summary."""
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
+        "triton": version("triton"),
+        "transformers": version("transformers"),
+        "python": platform.python_version(),
         "git_sha": git_sha(),
-        "run_id": now,
+        "run_id": os.environ.get("BENCH_RUN_ID") or timestamp(),
+        **extra,
     }
 
 
 def describe(env):
-    """The environment as the lines a run prints first (RESULTS.md quotes them)."""
-    return (f"device: {env['device']}\n"
-            f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}\n"
-            f"git sha: {env['git_sha']}, run {env['run_id']}")
+    """The environment as the lines a run prints first and a result file starts with
+    (RESULTS.md quotes them)."""
+    corpus = f", corpus {env['corpus']}" if "corpus" in env else ""
+    return [f"device: {env['device']}",
+            f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
+            f"Python {env['python']}",
+            f"git sha {env['git_sha']}{corpus}, run {env['run_id']}"]
+
+
+def add_results_dir(ap):
+    """``--results-dir``, the same default in every script: nothing tracked is written unless
+    it is named."""
+    ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                    help="where the results go (default build/bench; bench/results holds the "
+                         "committed runs)")
 
 
 def script_parser(doc, full_help):
-    """The options every benchmark script and ``run_all.py`` share."""
+    """The options every benchmark script and ``run_all`` share."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--full", action="store_true", help=full_help)
     ap.add_argument("--cpu", action="store_true", help="the CPU mode even where CUDA exists")
     ap.add_argument("--tiny", action="store_true", help="tiny CPU shapes (the smoke test)")
-    ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    add_results_dir(ap)
     ap.add_argument("--time-budget", type=float, help="seconds after which no new shape starts")
     return ap
 
@@ -114,7 +153,7 @@ def start(args):
         quick_cpu_timing()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     env = environment(device)
-    print(describe(env), flush=True)
+    print("\n".join(describe(env)), flush=True)
     return device, env
 
 
@@ -148,6 +187,11 @@ def _cpu_quantiles(fn, grad_to_none):
         times.append((time.perf_counter() - t0) * 1e3)
     deciles = statistics.quantiles(times, n=10, method="inclusive")
     return [deciles[int(q * 10) - 1] for q in QUANTILES]
+
+
+def quantile_columns(ms):
+    """The row's timing columns from ``time_ms``'s ``[p20, p50, p80]``."""
+    return dict(zip(("ms_p20", "ms_p50", "ms_p80"), ms))
 
 
 def time_ms(fn, device, grad_to_none=None):
@@ -242,31 +286,37 @@ def report_failure(label, exc):
     print(f"  FAILED {label}: {short_error(exc)}\n{tail}", flush=True)
 
 
-def append_rows(path, rows):
-    """Appends ``rows`` (dicts keyed by ``COLUMNS``) to the CSV at ``path``, writing the header
-    when the file is new. Raises ``ValueError`` if an existing file has other columns."""
+def failed(row, label, exc):
+    """``row`` as the error row of a failure ``exc`` of ``label``, whose traceback is printed."""
+    report_failure(label, exc)
+    return dict(row, error=short_error(exc), timestamp=timestamp())
+
+
+def write_csv(path, rows, columns=COLUMNS, append=True, float_format="{:.4g}".format):
+    """Writes ``rows`` (dicts; keys outside ``columns`` are left out) to the CSV at ``path``:
+    appended, with the header when the file is new (``ValueError`` if an existing file has
+    other columns), or replacing the file (``append=False``). Floats go through
+    ``float_format``, None becomes an empty cell."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
+    new = not append or not path.exists() or path.stat().st_size == 0
     if not new:
         with path.open(newline="") as f:
             header = next(csv.reader(f), None)
-        if header != COLUMNS:
-            raise ValueError(f"{path} has columns {header}, expected {COLUMNS}; move it aside")
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="raise")
+        if header != list(columns):
+            raise ValueError(f"{path} has columns {header}, expected {columns}; move it aside")
+
+    def cell(value):
+        if value is None:
+            return ""
+        return float_format(value) if isinstance(value, float) else value
+
+    with path.open("w" if new else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({c: _cell(row.get(c)) for c in COLUMNS})
-
-
-def _cell(value):
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return value
+            writer.writerow({c: cell(row.get(c)) for c in columns})
 
 
 def result_csvs(results_dir):
@@ -285,12 +335,36 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
+def latest_run(rows, run_id=None):
+    """The rows of ``run_id`` when ``rows`` hold that run, else of the newest run in ``rows``
+    (run ids are ISO timestamps)."""
+    if not rows:
+        return []
+    if not any(r["run_id"] == run_id for r in rows):
+        run_id = max(r["run_id"] for r in rows)
+    return [r for r in rows if r["run_id"] == run_id]
+
+
+def is_timed(row):
+    """Whether a row read back carries a timing (error rows have none)."""
+    return bool(row["ms_p50"]) and not row["error"]
+
+
+def markdown_table(header, rows):
+    """A Markdown table: the ``header`` cells, then ``rows`` (sequences of cells; a ``|`` in a
+    cell becomes ``/``)."""
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
 def timestamp():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 class Deadline:
-    """Wall-clock budget of one script, so that a GPU run fits the device call it runs in."""
+    """Wall-clock budget of a script or a stage of one, so that a GPU run fits the device call
+    it runs in: once it has passed no new shape, provider or run starts. ``None``: no limit."""
 
     def __init__(self, seconds):
         self.end = None if seconds is None else time.monotonic() + seconds
@@ -310,3 +384,37 @@ def print_row(row):
         tail = f"{row['ms_p50']:9.3f} ms  {rate}{mem}"
     note = f"  [{row['note']}]" if row.get("note") else ""
     print(f"  {row['provider']:<16} {row['pass']:<8} {tail}{note}", flush=True)
+
+
+def run(kernel, device, csv_path, env, deadline, shapes, names, prepare, bench):
+    """The benchmarks' one loop: for each shape (its ``columns()`` go into the rows)
+    ``prepare(shape)`` makes the inputs once, then ``bench(name, inputs, base_row)`` returns
+    the rows of each provider in ``names``, printed and appended to ``csv_path`` as they come.
+    A shape or provider that would start after ``deadline`` is skipped. Returns the rows
+    written."""
+    written = []
+    for shape in shapes:
+        if deadline.passed():
+            print(f"{kernel}: time budget used up, skipping {shape}", flush=True)
+            continue
+        print(f"{kernel} {shape}", flush=True)
+        try:
+            inputs = prepare(shape)
+        except Exception as exc:  # noqa: BLE001  an OOM on one shape must not hide the others
+            report_failure(f"inputs for {shape}", exc)
+            free_memory(device, after_failure=True)
+            continue
+        base = dict(env, kernel=kernel, **shape.columns())
+        for name in names:
+            if deadline.passed():
+                print(f"  time budget used up, skipping {name}", flush=True)
+                continue
+            rows = bench(name, inputs, base)
+            for row in rows:
+                print_row(row)
+            write_csv(csv_path, rows)
+            written += rows
+            free_memory(device, after_failure=any(row.get("error") for row in rows))
+        del inputs
+        free_memory(device)
+    return written

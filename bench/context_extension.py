@@ -2,7 +2,7 @@
 training attention recovers (SinkLoRA's headline claim: SF-Attn 92%, LongLoRA's S2-Attn 39%).
 Every arm, ``full`` included, trains the same LoRA recipe; only the attention differs.
 
-The byte-level Llama of ``bench/pretrain.py`` (pretrained with full attention at context
+The byte-level Llama of ``bench.pretrain`` (pretrained with full attention at context
 ``L``) is extended to ``4L`` with ``sinklora.extend_context`` (linear RoPE interpolation) and
 fine-tuned with ``sinklora.lora_config()`` (LongLoRA's recipe: LoRA r=8 on q/k/v/o, embeddings
 and norms trained) for the same steps, on the same data in the same order, from the same seed,
@@ -17,7 +17,7 @@ in five arms that differ only in the attention used in training:
 Group size is LongLoRA's ``4L / 4 = L``. Every arm, the un-extended base and the base with
 interpolated positions but no fine-tuning are then evaluated at ``4L`` with full attention on
 validation windows. Per seed, ``recovery = (ppl_base - ppl_arm) / (ppl_base - ppl_full)``
-with ``ppl_base`` the un-extended base (the issue's definition); ``recovery_vs_pi`` uses the
+with ``ppl_base`` the un-extended base (SinkLoRA's definition); ``recovery_vs_pi`` uses the
 interpolated base instead (which of the two bases is worse depends on the model);
 ``above_full = ppl_arm - ppl_full`` is the gap each arm leaves, which stays informative when the
 base is so poor that every arm recovers nearly all of it. Recovery is left empty when the
@@ -40,9 +40,8 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-import corpus as corpus_mod
-import paper_results
-import pretrain
+from bench import common, paper_results, pretrain
+from bench import corpus as corpus_mod
 import sinklora
 
 NAME = "context_extension"
@@ -208,7 +207,7 @@ def report(log, arms, seeds, ctx, paths, env, header, preset):
                             ("base+pi", pi, "none (interpolated positions)")):
         rows.append([name, what, "n/a" if run is None else f"{run['ppl']:.3f}", "", "", "", "",
                      "", ""])
-    table = paper_results.markdown_table(
+    table = common.markdown_table(
         ["arm", "training attention", f"ppl at {ctx['target']}", "ppl above full (same seed)",
          "recovery %",
          "recovery vs base+pi %", "seeds", "paper ppl (PG19, Llama2-7B)", "paper recovery"],
@@ -234,7 +233,7 @@ def report(log, arms, seeds, ctx, paths, env, header, preset):
         csv_rows.append({**{k: run.get(k) for k in columns}, **ctx,
                          "mode": settings["mode"] if settings else None,
                          "num_sink": settings["num_sink"] if settings else None})
-    paper_results.write_csv(paths["csv"], columns, csv_rows, env)
+    paper_results.write_results(paths["csv"], columns, csv_rows, env)
     _plot(summary, base, pi, ctx, paths["png"], env, preset)
     return table
 
@@ -292,7 +291,7 @@ def main(argv=None):
     seeds = args.seeds or ([0] if smoke else [0, 1])
     if len(seeds) < 2 and not smoke:
         parser.error("--seeds needs at least 2 seeds outside --smoke (mean and spread)")
-    start = time.monotonic()
+    deadline = common.Deadline(args.time_budget)
     exp = pretrain.start_experiment(args)
     # Each arm loads the checkpoint afresh; the model in exp stays untouched.
     device, corpus, env, size = exp.device, exp.corpus, exp.env, exp.size
@@ -306,7 +305,7 @@ def main(argv=None):
     for arm, seed in todo:
         if log.get(arm, seed) is not None:
             continue
-        if args.time_budget is not None and time.monotonic() - start > args.time_budget:
+        if deadline.passed():
             print(f"time budget of {args.time_budget:.0f} s spent; stopping before {arm} "
                   f"seed {seed}", flush=True)
             break

@@ -13,7 +13,7 @@ of time does not stop the next; an unused share of the budget passes on to the l
 3. ``headline``: SF-Attn at N = 16k (B=1, Hq=32, Hkv=8, D=128, G=N/4, S=4) for sinklora,
    FlexAttention, LongLoRA's algorithm and dense SDPA; H2O decode at 16k, B=8, budget 50%
    against the full caches, and the prefill; then SF-Attn at N = 32k and 8k if time is left.
-4. ``tune``: a handful of tiles per SF-Attn kernel at the headline shape (``tune_sf.py
+4. ``tune``: a handful of tiles per SF-Attn kernel at the headline shape (``bench.tune_sf
    --quick``).
 5. ``long``: N = 128k forward + backward with the exact float64 slice check, if time remains.
 
@@ -22,7 +22,7 @@ part's output as it comes), ``env.json``, the result CSVs as their rows are meas
 ``summary.md``: the part table and the target ratios, also printed last. At most 8 files.
 
 Triton's cache is ``TRITON_CACHE_DIR`` or ``build/triton-cache``: carried in with the tree after
-``make warm-gpu-cache`` (``bench/warm_triton_cache.py``), its kernels are loaded, not compiled;
+``make warm-gpu-cache`` (``bench.warm_triton_cache``), its kernels are loaded, not compiled;
 the part table counts the kernels each part compiled all the same.
 
 ``--dry-run`` runs the very same parts on CPU at toy sizes (the kernels under Triton's
@@ -42,8 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench"
-sys.path[:0] = [str(REPO), str(BENCH)]
 TOTAL_S = 540
 # Shares of the total budget, in order; a part's deadline is the end of its cumulative share.
 SHARES = {"env": 0.04, "smoke": 0.27, "headline": 0.44, "tune": 0.17, "long": 0.08}
@@ -128,18 +126,13 @@ def run_part(cmd, env, deadline, log):
 
 def env_part(out):
     """Writes ``env.json`` and prints it: where and with what the call ran, and two ceilings."""
-    import importlib.metadata
-
     import torch
 
-    import common
+    from bench import common
 
     info = {"python": sys.version.split()[0], "git_sha": common.git_sha()}
     for package in ("torch", "triton", "transformers", "peft", "accelerate", "pytest-xdist"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            info[package] = "not installed"
+        info[package] = common.version(package)
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                               "--format=csv,noheader"], capture_output=True, text=True,
@@ -176,10 +169,10 @@ def env_part(out):
 
 def triton_cache(cache_dir):
     """This Triton's cache key digest and ptxas version (both part of every kernel's key), and
-    whether a carried cache (``bench/warm_triton_cache.py``) was made for this key."""
+    whether a carried cache (``bench.warm_triton_cache``) was made for this key."""
     from triton.runtime.cache import triton_key
 
-    from warm_triton_cache import key_digest
+    from bench.warm_triton_cache import key_digest
 
     info = {"triton_key_sha256": key_digest(triton_key())}
     try:
@@ -218,16 +211,16 @@ def headline_steps(py, out, dry_run):
         h2o = ["--N", "16384", "--B", "8", "--models", "llama3-8b", "--providers",
                "sinklora_h2o_50", "full_sdpa", "static_sdpa", "sdpa_prefill",
                "sinklora_h2o_prefill_50"]
-    common = ["--results-dir", out]
-    return [(0.6, [py, BENCH / "sf_attn.py", *sf, *common]),
-            (0.6, [py, BENCH / "h2o_decode.py", *h2o, *common]),
-            (1.0, [py, BENCH / "sf_attn.py", *sf_more, *common])]
+    results = ["--results-dir", out]
+    return [(0.6, [py, "-m", "bench.sf_attn", *sf, *results]),
+            (0.6, [py, "-m", "bench.h2o_decode", *h2o, *results]),
+            (1.0, [py, "-m", "bench.sf_attn", *sf_more, *results])]
 
 
 def part_commands(name, py, out, dry_run):
     """``[(share of the part's time, argv)]`` of a part (``--time-budget`` added when run)."""
     if name == "env":
-        return [(1.0, [py, BENCH / "first_light.py", "--env-only", "--out", out])]
+        return [(1.0, [py, "-m", "bench.first_light", "--env-only", "--out", out])]
     if name == "smoke":
         workers = []
         try:
@@ -241,11 +234,11 @@ def part_commands(name, py, out, dry_run):
     if name == "headline":
         return headline_steps(py, out, dry_run)
     if name == "tune":
-        return [(1.0, [py, BENCH / "tune_sf.py", "--smoke" if dry_run else "--quick",
+        return [(1.0, [py, "-m", "bench.tune_sf", "--smoke" if dry_run else "--quick",
                        "--results-dir", out])]
     if name == "long":
-        return [(1.0, [py, BENCH / "long_sequence.py", *(["--cpu"] if dry_run else ["--N", "131072"]),
-                       "--results-dir", out])]
+        return [(1.0, [py, "-m", "bench.long_sequence",
+                       *(["--cpu"] if dry_run else ["--N", "131072"]), "--results-dir", out])]
     raise ValueError(f"unknown part {name!r}")
 
 
@@ -344,7 +337,7 @@ def main(argv=None):
 
 def write_summary(out, results, log, elapsed, carried):
     """The part table and the bench summary's target lines: ``summary.md`` and printed last."""
-    import summary as bench_summary
+    from bench import summary as bench_summary
 
     lines = ["| part | status | seconds | new Triton kernels compiled |", "|---|---|---|---|"]
     for r in results:

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import common
+from bench import common
+from bench.common import Provider
 
 KERNEL = "h2o_decode"
 GPU_MODELS = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # Hq, Hkv, D
@@ -65,6 +66,9 @@ class Shape:
     def columns(self):
         return {"B": self.B, "Hq": self.Hq, "Hkv": self.Hkv, "N": self.N, "D": self.D,
                 "S": 0, "dtype": str(self.dtype).replace("torch.", "")}
+
+    def __str__(self):
+        return f"{self.model} " + " ".join(f"{k}={v}" for k, v in self.columns().items())
 
     def kv_bytes(self, entries):
         """Bytes of keys and values for ``entries`` tokens per sequence and kv head."""
@@ -143,7 +147,7 @@ class Context:
         return torch.einsum("bgrn,bgnd->bgrd", p, v).reshape(b, hq, d)
 
 
-# --- decode providers: each returns (step() -> output [B, Hq, D], entries, kv_bytes(), gate) ----
+# --- decode providers: each returns a Provider, fn() -> output [B, Hq, D] -----------------------
 
 def make_h2o(fraction, backend):
     def make(ctx):
@@ -177,7 +181,8 @@ def make_h2o(fraction, backend):
             return (f"gate rel.err {err:.1e} vs torch H2O, kept positions differ in "
                     f"{differ:.1%} of (sequence, kv head) pairs")
 
-        return step, heavy + recent, kv_bytes, check, f"heavy {heavy} + recent {recent}, no sinks"
+        return Provider(step, f"heavy {heavy} + recent {recent}, no sinks", check,
+                        budget=heavy + recent, kv_bytes=kv_bytes)
     return make
 
 
@@ -196,9 +201,9 @@ def make_full_dynamic(ctx):
         layer.keys, layer.values = context  # back to N tokens: every step sees the same length
         return out[:, :, 0]
 
-    return (step, ctx.shape.N + 1, lambda: ctx.shape.kv_bytes(ctx.shape.N + 1),
-            _full_gate(ctx, step), "DynamicCache.update (torch.cat) + "
-            + _sdpa_note(ctx.q_new[:, :, None], *context, enable_gqa=gqa))
+    return Provider(step, "DynamicCache.update (torch.cat) + "
+                    + _sdpa_note(ctx.q_new[:, :, None], *context, enable_gqa=gqa),
+                    _full_gate(ctx, step), kv_bytes=lambda: ctx.shape.kv_bytes(ctx.shape.N + 1))
 
 
 def make_full_static(ctx):
@@ -213,9 +218,9 @@ def make_full_static(ctx):
         return F.scaled_dot_product_attention(ctx.q_new[:, :, None], keys, values,
                                               enable_gqa=gqa)[:, :, 0]
 
-    return (step, n + 1, lambda: ctx.shape.kv_bytes(n + 1), _full_gate(ctx, step),
-            "preallocated N+1 slots, in-place write + "
-            + _sdpa_note(ctx.q_new[:, :, None], keys, values, enable_gqa=gqa))
+    return Provider(step, "preallocated N+1 slots, in-place write + "
+                    + _sdpa_note(ctx.q_new[:, :, None], keys, values, enable_gqa=gqa),
+                    _full_gate(ctx, step), kv_bytes=lambda: ctx.shape.kv_bytes(n + 1))
 
 
 def _sdpa_note(query, key, value, enable_gqa, **kwargs):
@@ -239,7 +244,7 @@ DECODE_PROVIDERS = {
 }
 
 
-# --- prefill providers: each returns (run() -> output [B, Hq, n, D], budget, gate, note) --------
+# --- prefill providers: each returns a Provider, fn() -> output [B, Hq, N, D] --------------------
 
 def make_sdpa_prefill(ctx):
     gqa = ctx.shape.Hq != ctx.shape.Hkv
@@ -247,9 +252,9 @@ def make_sdpa_prefill(ctx):
     def run():
         return F.scaled_dot_product_attention(ctx.q_prompt, ctx.k_prompt, ctx.v_prompt,
                                               is_causal=True, enable_gqa=gqa)
-    return (run, None, lambda: "the prefill gate's reference",
-            "causal " + _sdpa_note(ctx.q_prompt, ctx.k_prompt, ctx.v_prompt, is_causal=True,
-                                   enable_gqa=gqa))
+    return Provider(run, "causal " + _sdpa_note(ctx.q_prompt, ctx.k_prompt, ctx.v_prompt,
+                                                is_causal=True, enable_gqa=gqa),
+                    lambda: "the prefill gate's reference")
 
 
 def make_h2o_prefill(fraction, backend):
@@ -268,13 +273,13 @@ def make_h2o_prefill(fraction, backend):
 
         def check():
             out, state = prefill()
-            ref = make_sdpa_prefill(ctx)[0]()
+            ref = make_sdpa_prefill(ctx).fn()
             err = common.gate(f"h2o prefill {backend}", [out], [ref], ctx.shape.dtype)
             score_err = _check_kept(ctx, state, recent)
             return (f"gate rel.err {err:.1e} vs causal SDPA, last (sequence, kv head)'s scores "
                     f"{score_err:.1e} vs torch H2O, its kept set the top scores")
 
-        return run, heavy + recent, check, "attention + column sums + selection"
+        return Provider(run, "attention + column sums + selection", check, budget=heavy + recent)
     return make
 
 
@@ -325,47 +330,32 @@ GPU_ONLY = ("sinklora_h2o_50", "sinklora_h2o_20", "sinklora_h2o_prefill_50")
 CPU_ONLY = ("torch_h2o_prefill_50",)
 
 
-def bench_decode(name, ctx, base_row):
+def bench(name, ctx, base_row):
+    """The row of one decode or prefill provider on the shape of ``ctx``."""
     shape, device = ctx.shape, ctx.device
-    row = dict(base_row, provider=name, **{"pass": "decode"})
+    decode = name in DECODE_PROVIDERS
+    row = dict(base_row, provider=name, **{"pass": "decode" if decode else "prefill"})
     try:
-        step, entries, kv_bytes, check, note = DECODE_PROVIDERS[name](ctx)
-        note = "; ".join([note, check()])
-        ms = common.time_ms(step, device)
-        peak = common.peak_memory_mb(step, device)
-        host = common.host_ms_per_call(step, device)
-        if host is not None:
-            note += f"; host {host * 1e3:.1f} us/step issued back to back"
-        budget = entries if name.startswith(("sinklora", "torch")) else None
-        # An H2O step attends to its budget's entries plus the new token's.
-        read = entries + 1 if budget else entries
-        row.update(ms_p20=ms[0], ms_p50=ms[1], ms_p80=ms[2], peak_mem_mb=peak, note=note,
-                   gb_s=shape.kv_bytes(read) / (ms[1] * 1e-3) / 1e9, kv_bytes=kv_bytes(),
-                   budget=budget)
+        provider = (DECODE_PROVIDERS if decode else PREFILL_PROVIDERS)[name](ctx)
+        note = "; ".join([provider.note, provider.gate()])
+        ms = common.time_ms(provider.fn, device)
+        row.update(common.quantile_columns(ms), budget=provider.budget,
+                   peak_mem_mb=common.peak_memory_mb(provider.fn, device))
+        if decode:
+            host = common.host_ms_per_call(provider.fn, device)
+            if host is not None:
+                note += f"; host {host * 1e3:.1f} us/step issued back to back"
+            # An H2O step attends to its budget's entries plus the new token's.
+            read = provider.budget + 1 if provider.budget else shape.N + 1
+            row.update(gb_s=shape.kv_bytes(read) / (ms[1] * 1e-3) / 1e9,
+                       kv_bytes=provider.kv_bytes())
+        else:
+            # Useful work of causal attention over the prompt: 4 * D flops per visible pair.
+            pairs = shape.B * shape.Hq * shape.N * (shape.N + 1) // 2
+            row["tflops"] = 4 * shape.D * pairs / (ms[1] * 1e-3) / 1e12
     except Exception as exc:  # noqa: BLE001  any failure is recorded, the run goes on
-        common.report_failure(f"{name} {shape}", exc)
-        row["error"] = common.short_error(exc)
-    row["timestamp"] = common.timestamp()
-    return row
-
-
-def bench_prefill(name, ctx, base_row):
-    shape, device = ctx.shape, ctx.device
-    row = dict(base_row, provider=name, **{"pass": "prefill"})
-    try:
-        run, budget, check, note = PREFILL_PROVIDERS[name](ctx)
-        note = "; ".join([note, check()])
-        ms = common.time_ms(run, device)
-        peak = common.peak_memory_mb(run, device)
-        # Useful work of causal attention over the prompt: 4 * D flops per visible pair.
-        pairs = shape.B * shape.Hq * shape.N * (shape.N + 1) // 2
-        row.update(ms_p20=ms[0], ms_p50=ms[1], ms_p80=ms[2], peak_mem_mb=peak, note=note,
-                   budget=budget, tflops=4 * shape.D * pairs / (ms[1] * 1e-3) / 1e12)
-    except Exception as exc:  # noqa: BLE001
-        common.report_failure(f"{name} {shape}", exc)
-        row["error"] = common.short_error(exc)
-    row["timestamp"] = common.timestamp()
-    return row
+        return [common.failed(row, f"{name} {shape}", exc)]
+    return [dict(row, note=note, timestamp=common.timestamp())]
 
 
 def run(device, csv_path, env, deadline, shape_list, providers=None):
@@ -373,40 +363,16 @@ def run(device, csv_path, env, deadline, shape_list, providers=None):
     ``csv_path`` as they come. Returns the rows written."""
     skip = CPU_ONLY if device.type == "cuda" else GPU_ONLY
     names = providers or [p for p in (*DECODE_PROVIDERS, *PREFILL_PROVIDERS) if p not in skip]
-    written = []
-    for shape in shape_list:
-        if deadline.passed():
-            print(f"h2o_decode: time budget used up, skipping {shape}", flush=True)
-            continue
-        print(f"h2o_decode {shape.model} B={shape.B} Hq={shape.Hq} Hkv={shape.Hkv} N={shape.N} "
-              f"D={shape.D} {shape.columns()['dtype']}", flush=True)
+
+    def prepare(shape):
         torch.manual_seed(shape.N * 131 + shape.B * 7 + shape.Hkv)
-        try:
-            ctx = Context(shape, device)
-        except Exception as exc:  # noqa: BLE001
-            common.report_failure(f"inputs for {shape}", exc)
-            ctx = None
-        if ctx is None:
-            common.free_memory(device, after_failure=True)
-            continue
-        base = dict(env, kernel=KERNEL, **shape.columns())
-        for name in names:
-            if deadline.passed():
-                print(f"  time budget used up, skipping {name}", flush=True)
-                continue
-            bench = bench_decode if name in DECODE_PROVIDERS else bench_prefill
-            row = bench(name, ctx, base)
-            common.print_row(row)
-            common.append_rows(csv_path, [row])
-            written.append(row)
-            common.free_memory(device, after_failure=bool(row.get("error")))
-        del ctx
-        common.free_memory(device)
-    return written
+        return Context(shape, device)
+
+    return common.run(KERNEL, device, csv_path, env, deadline, shape_list, names, prepare, bench)
 
 
 def main(argv=None):
-    ap = common.script_parser(__doc__, "all contexts of the issue (GPU)")
+    ap = common.script_parser(__doc__, "every context of the benchmark (GPU)")
     ap.add_argument("--N", type=int, nargs="+", help="context lengths (default per device)")
     ap.add_argument("--B", type=int, nargs="+", help="batch sizes")
     ap.add_argument("--providers", nargs="+", choices=[*DECODE_PROVIDERS, *PREFILL_PROVIDERS])

@@ -1,7 +1,7 @@
 """H2O KV-cache quality: streaming next-token perplexity as the cache budget shrinks
 (the SinkLoRA / H2O claim: quality holds at half the KV budget).
 
-The pretrained byte-level Llama of ``bench/pretrain.py`` (context ``L``) reads validation
+The pretrained byte-level Llama of ``bench.pretrain`` (context ``L``) reads validation
 windows of ``L`` bytes token by token through a ``sinklora.H2OCache``: the first ``budget``
 tokens in one prefill (nothing is evicted while the cache holds at most its budget, so this
 equals feeding them one at a time), then one token per forward, each predicting the next, the
@@ -15,7 +15,7 @@ cache evicting one entry per step. Budgets are 100 / 50 / 20 / 10 % of ``L``. Po
 
 Keys keep the rotary position they were written with (StreamingLLM instead re-numbers the
 positions inside its cache; with documents no longer than ``L`` every position here is one the
-model was trained on). The windows are exactly ``L`` long, not the issue's "long documents":
+model was trained on). The windows are exactly ``L`` long, not "long documents":
 the model has only seen positions below ``L``, and the cache, not the model, is under test.
 The ``full cache`` row is the same windows through one ordinary forward; at 100 % every policy
 must equal it, and so must the decode path alone (the windows fed one token at a time from a
@@ -32,9 +32,8 @@ import time
 
 import torch
 
-import corpus as corpus_mod
-import paper_results
-import pretrain
+from bench import common, paper_results, pretrain
+from bench import corpus as corpus_mod
 import sinklora
 from sinklora.hf import CACHE_ARG
 
@@ -190,12 +189,12 @@ def report(rows, context, paths, env, header, preset):
                 for p in POLICIES])
     tables = [
         "All predicted tokens (1 .. L-1; those up to budget+1 see an un-evicted cache):",
-        paper_results.markdown_table(
+        common.markdown_table(
             [f"budget of L={context}"] + [f"{p} ppl (vs full)" for p in POLICIES], all_rows),
         "Only the tokens an eviction can change (budget+2 .. L-1: a step attends to the "
         "budget's entries plus its own token, then one leaves), against the full cache on the "
         "same tokens:",
-        paper_results.markdown_table(
+        common.markdown_table(
             [f"budget of L={context}", "full cache ppl"]
             + [f"{p} ppl (vs full)" for p in POLICIES], after_rows)]
     lines = header + [f"full cache ppl: {full['ppl']:.4f}"] + tables
@@ -205,7 +204,7 @@ def report(rows, context, paths, env, header, preset):
     columns = ["policy", "budget_pct", "budget", "heavy", "recent", "sinks", "context", "ppl",
                "nll", "ppl_after_eviction", "nll_after_eviction", "full_ppl_after_eviction",
                "full_nll_after_eviction", "seconds"]
-    paper_results.write_csv(paths["csv"], columns, [{**r, "context": context} for r in rows],
+    paper_results.write_results(paths["csv"], columns, [{**r, "context": context} for r in rows],
                             env)
     _plot(rows, context, paths["png"], env, preset)
     return "\n\n".join(tables)

@@ -14,21 +14,23 @@ head's rows are ``H * D`` elements apart, so at N = 540k the row offsets inside 
 On CUDA (bf16): the two shapes below, each timed once (a second call: the first compiles),
 with the absolute peak memory, inputs included, in ``peak_mem_mb`` (does the shape fit).
 Without CUDA, ``--cpu`` runs a small version of the same check under the Triton interpreter.
-Rows go to ``bench/results/long_sequence.csv``.
+Rows go to ``<results dir>/long_sequence.csv``.
 """
 import time
 
 import torch
 
-import common  # sets TRITON_INTERPRET (1 without CUDA) before sinklora defines its kernels
+from bench import common  # sets TRITON_INTERPRET (1 without CUDA) before sinklora's kernels
+from bench.sf_attn import Shape
 from sinklora import sf_attention
 from sinklora.kernels.pattern import plain
 
-GPU_CASES = [  # (B, Hq, Hkv, N, D, G, S)
-    (1, 32, 8, 540672, 128, 4096, 4),   # q has 2.2e9 elements; rows of a head pass 2**31
-    (1, 32, 8, 131072, 128, 32768, 4),  # N = 128k with LongLoRA's G = N / 4
+GPU_CASES = [
+    # q has 2.2e9 elements, and the rows of one head pass 2**31
+    Shape(1, 32, 8, 540672, 128, 4096, 4, torch.bfloat16),
+    Shape(1, 32, 8, 131072, 128, 32768, 4, torch.bfloat16),  # N = 128k, LongLoRA's G = N / 4
 ]
-CPU_CASES = [(1, 4, 2, 300, 16, 128, 4)]
+CPU_CASES = [Shape(1, 4, 2, 300, 16, 128, 4, torch.float16)]
 ROW_CHUNK = 1024
 
 
@@ -64,8 +66,10 @@ def local_reference(q, k, v, d_out, group_size, num_sink, softmax_scale):
     return gs, torch.cat(outs, 2), torch.cat(dqs, 2), kk.grad[:, group], vv.grad[:, group]
 
 
-def run_case(case, dtype, device, env):
-    b, hq, hkv, n, d, g, s = case
+def run_case(shape, device, row):
+    """``row`` with the timing and the check of one forward + backward at ``shape``."""
+    b, hq, hkv, n, d, g, s, dtype = (shape.B, shape.Hq, shape.Hkv, shape.N, shape.D, shape.G,
+                                     shape.S, shape.dtype)
     scale = d ** -0.5
     kwargs = dict(group_size=g, num_sink=s, softmax_scale=scale, backend="triton")
     q, k, v = make_inputs(b, hq, hkv, n, d, dtype, device)
@@ -100,39 +104,34 @@ def run_case(case, dtype, device, env):
             + ", ".join(f"{name} {err:.2e}" for name, err in errors.items())
             + f" (tol {tolerance:g}); max element offset {span}"
             + ("" if finite else "; NON-FINITE values"))
-    row = dict(env, kernel="sf_attn_long", provider="sinklora_triton", **{"pass": "fwd+bwd"},
-               B=b, Hq=hq, Hkv=hkv, N=n, D=d, G=g, S=s, dtype=str(dtype).replace("torch.", ""),
-               ms_p20=ms, ms_p50=ms, ms_p80=ms, peak_mem_mb=peak, timestamp=common.timestamp(),
-               note=note, error=None if ok else "mismatch against the float64 slice")
-    common.print_row(row)
-    return row
+    return dict(row, **common.quantile_columns([ms] * 3), peak_mem_mb=peak, note=note,
+                timestamp=common.timestamp(),
+                error=None if ok else "mismatch against the float64 slice")
 
 
 def main(argv=None):
-    ap = common.script_parser(__doc__, "(no effect: the GPU cases are the issue's)")
-    ap.add_argument("--N", type=int, nargs="+", choices=[case[3] for case in GPU_CASES],
+    ap = common.script_parser(__doc__, "(no effect: the GPU cases are the benchmark's)")
+    ap.add_argument("--N", type=int, nargs="+", choices=[case.N for case in GPU_CASES],
                     help="the GPU cases of these sequence lengths only (default: all)")
     args = ap.parse_args(argv)
     device, env = common.start(args)
     if device.type == "cuda":
-        cases, dtype = [c for c in GPU_CASES if not args.N or c[3] in args.N], torch.bfloat16
+        cases = [c for c in GPU_CASES if not args.N or c.N in args.N]
     else:
         print("No CUDA GPU: a small version under the Triton interpreter (a check, not a "
               "benchmark).", flush=True)
-        cases, dtype = CPU_CASES, torch.float16
-    rows = []
-    for case in cases:
+        cases = CPU_CASES
+
+    def bench(name, shape, base_row):
+        row = dict(base_row, provider=name, **{"pass": "fwd+bwd"})
         try:
-            rows.append(run_case(case, dtype, device, env))
+            return [run_case(shape, device, row)]
         except Exception as exc:  # noqa: BLE001  an OOM on one shape must not hide the others
-            common.report_failure(f"long_sequence {case}", exc)
-            b, hq, hkv, n, d, g, s = case
-            rows.append(dict(env, kernel="sf_attn_long", provider="sinklora_triton",
-                             **{"pass": "fwd+bwd"}, B=b, Hq=hq, Hkv=hkv, N=n, D=d, G=g, S=s,
-                             dtype=str(dtype).replace("torch.", ""),
-                             timestamp=common.timestamp(), error=common.short_error(exc)))
-        common.free_memory(device)
-    common.append_rows(args.results_dir / "long_sequence.csv", rows)
+            return [common.failed(row, f"long_sequence {shape}", exc)]
+
+    rows = common.run("sf_attn_long", device, args.results_dir / "long_sequence.csv", env,
+                      common.Deadline(args.time_budget), cases, ["sinklora_triton"],
+                      lambda shape: shape, bench)
     return 0 if all(not r.get("error") for r in rows) else 1
 
 

@@ -6,34 +6,15 @@ and the tables as printed) and ``<name>.png``. The ``--preset cpu`` and ``--smok
 write ``<name>_cpu.*`` and ``<name>_smoke.*`` instead, so that their numbers are never
 mistaken for the GPU experiment's. Files are rewritten by each run.
 """
-import csv
 from pathlib import Path
 
-import common
+from bench import common
 
-RESULTS_DIR = common.RESULTS_DIR
 # What a result file's setup line and a figure's title add for each preset.
 PRESET_MARKS = {"gpu": "", "cpu": " -- CPU PRESET: a smaller model than the GPU experiment",
                 "smoke": " -- SMOKE RUN: sizes too small to mean anything"}
 ENV_COLUMNS = ["device", "torch", "triton", "transformers", "python", "corpus", "git_sha",
                "timestamp"]
-
-
-def run_environment(device, corpus):
-    """The columns that say where, with what and on which data a run happened."""
-    env = common.environment(device)
-    return {"device": env["device"], "torch": env["torch"], "triton": env["triton"],
-            "transformers": env["transformers"], "python": corpus.python,
-            "corpus": corpus.fingerprint, "git_sha": env["git_sha"],
-            "timestamp": env["run_id"]}
-
-
-def describe_environment(env):
-    """The environment as the lines a run prints first and its markdown file starts with."""
-    return [f"device: {env['device']}",
-            f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
-            f"Python {env['python']}",
-            f"git sha {env['git_sha']}, corpus {env['corpus']}, run {env['timestamp']}"]
 
 
 def output_paths(results_dir, name, preset):
@@ -42,27 +23,12 @@ def output_paths(results_dir, name, preset):
     return {ext: stem.with_suffix(f".{ext}") for ext in ("csv", "md", "png")}
 
 
-def write_csv(path, columns, rows, env):
-    """Writes ``rows`` (dicts keyed by ``columns``) with the environment columns appended."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns) + ENV_COLUMNS, extrasaction="raise")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**{c: _cell(row.get(c)) for c in columns}, **env})
-
-
-def _cell(value):
-    # Floats in full: ratios recomputed from the CSV must match the script's.
-    return "" if value is None else repr(value) if isinstance(value, float) else value
-
-
-def markdown_table(header, rows):
-    """A markdown table of ``rows`` (sequences of already formatted cells)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def write_results(path, columns, rows, env):
+    """Writes ``rows`` (dicts keyed by ``columns``) with the environment columns appended, the
+    run's start as ``timestamp``, replacing the file. Floats in full: ratios recomputed from the
+    CSV must match the script's."""
+    common.write_csv(path, [{**row, **env, "timestamp": env["run_id"]} for row in rows],
+                     [*columns, *ENV_COLUMNS], append=False, float_format=repr)
 
 
 def write_markdown(path, title, lines):
@@ -79,7 +45,7 @@ def save_figure(fig, path, env, preset):
 
     mark = PRESET_MARKS[preset].removeprefix(" -- ")
     fig.suptitle((f"{mark}; " if mark else "")
-                 + f"{env['device']}, git {env['git_sha']}, {env['timestamp']}", fontsize=8)
+                 + f"{env['device']}, git {env['git_sha']}, {env['run_id']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,39 +4,23 @@ provider (the p20..p80 band shaded), one panel per pass and shape.
 Only the latest run in each CSV is drawn (or the one named by ``--run-id``, in a CSV that
 holds it), so runs on different machines or commits never share a plot.
 
-    python bench/plot.py [--results-dir bench/results] [--run-id ISO-TIMESTAMP]
+    python -m bench.plot [--results-dir bench/results] [--run-id ISO-TIMESTAMP]
 """
 import argparse
 import sys
 from collections import defaultdict
-from pathlib import Path
 
-import common
+from bench import common
 
 # Columns that, with the pass, tell one panel from another.
 PANEL_COLUMNS = ("B", "Hq", "Hkv", "D", "dtype")
 PASS_ORDER = ("fwd", "bwd", "fwd+bwd", "decode", "prefill")
 
 
-def latest_run(rows, run_id=None):
-    """The rows of ``run_id`` when ``rows`` hold that run, else of the newest run in ``rows``
-    (run ids are ISO timestamps)."""
-    if not rows:
-        return []
-    if not any(r["run_id"] == run_id for r in rows):
-        run_id = max(r["run_id"] for r in rows)
-    return [r for r in rows if r["run_id"] == run_id]
-
-
-def timed(rows):
-    """Rows that carry a timing (error rows have none)."""
-    return [r for r in rows if r["ms_p50"] and not r["error"]]
-
-
 def panels(rows):
     """``{(pass, panel key): {provider: [(N, p20, p50, p80), ...]}}`` sorted by N."""
     out = defaultdict(lambda: defaultdict(list))
-    for r in timed(rows):
+    for r in filter(common.is_timed, rows):
         key = (r["pass"],) + tuple(r[c] for c in PANEL_COLUMNS)
         out[key][r["provider"]].append(
             (int(r["N"]), float(r["ms_p20"]), float(r["ms_p50"]), float(r["ms_p80"])))
@@ -92,11 +76,11 @@ def draw(rows, png_path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="one PNG per benchmark CSV")
-    ap.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
+    common.add_results_dir(ap)
     ap.add_argument("--run-id", help="draw this run instead of the latest")
     args = ap.parse_args(argv)
     for csv_path in common.result_csvs(args.results_dir):
-        rows = latest_run(common.read_rows(csv_path), args.run_id)
+        rows = common.latest_run(common.read_rows(csv_path), args.run_id)
         png = csv_path.with_suffix(".png")
         if draw(rows, png):
             print(f"wrote {png}")

@@ -1,13 +1,13 @@
 """The small byte-level Llama of the paper experiments, pretrained from scratch, and the
 training / perplexity loops the experiments share.
 
-``python bench/pretrain.py [--preset gpu|cpu|smoke]`` pretrains (or finds in the cache) and
-prints the validation-loss curve; ``bench/context_extension.py`` and ``bench/h2o_quality.py`` call
+``python -m bench.pretrain [--preset gpu|cpu|smoke]`` pretrains (or finds in the cache) and
+prints the validation-loss curve; ``bench.context_extension`` and ``bench.h2o_quality`` call
 ``pretrained_model`` themselves, so running this first is optional.
 
 The model is a ``LlamaForCausalLM`` built from ``LlamaConfig`` (vocabulary 256, GQA, head dim
 >= 32), trained with full attention (SDPA) at context ``L`` on random windows of the stdlib
-corpus (``bench/corpus.py``) until its validation loss flattens: evaluated every
+corpus (``bench.corpus``) until its validation loss flattens: evaluated every
 ``eval_every`` steps, training stops when the best loss of the last ``patience`` evaluations is
 less than ``min_delta`` nats below the loss before them, or at ``max_steps``, or when
 ``time_limit_s`` has passed. The checkpoint goes to ``<cache dir>/pretrain-<key>``, ``key``
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import corpus as corpus_mod
-import paper_results
+from bench import common, paper_results
+from bench import corpus as corpus_mod
 
 INFO_FILE = "pretrain_info.json"
 DEFAULT_CACHE = Path(os.environ.get("SINKLORA_BENCH_CACHE",
@@ -230,10 +230,10 @@ def pretrained_model(size, recipe, corpus, device, cache_dir=DEFAULT_CACHE, seed
     model.set_attn_implementation("sdpa")
     windows = corpus_mod.validation_windows(corpus.validation, size.context, recipe.eval_windows)
     curve, stop = [], {"reason": f"max_steps {recipe.max_steps}"}
-    deadline = time.monotonic() + recipe.time_limit_s
+    deadline = common.Deadline(recipe.time_limit_s)
 
     def evaluate(step, loss):
-        if time.monotonic() > deadline:
+        if deadline.passed():
             stop["reason"] = f"time limit {recipe.time_limit_s:.0f} s"
             return True
         if step % recipe.eval_every:
@@ -306,8 +306,7 @@ def argument_parser(doc, results=False):
     parser.add_argument("--force-pretrain", action="store_true",
                         help="pretrain again even when the cache has a matching checkpoint")
     if results:
-        parser.add_argument("--results-dir", type=Path, default=paper_results.RESULTS_DIR,
-                            help="where the md/csv/png go (default bench/results)")
+        common.add_results_dir(parser)
     return parser
 
 
@@ -345,7 +344,7 @@ class Experiment:
     def header(self, setup):
         """The lines a result file starts with: environment, corpus, model, then ``setup``
         (what the script ran), marked with the preset when it is not the GPU one."""
-        return paper_results.describe_environment(self.env) + [
+        return common.describe(self.env) + [
             self.corpus.describe(), describe_pretraining(self.info),
             setup + paper_results.PRESET_MARKS[self.preset]]
 
@@ -355,8 +354,8 @@ def start_experiment(args):
     corpus, prints the environment and gets the pretrained model (cached or trained)."""
     device = setup_run(args.device, args.preset)
     corpus = corpus_mod.load_corpus()
-    env = paper_results.run_environment(device, corpus)
-    print("\n".join(paper_results.describe_environment(env)), flush=True)
+    env = common.environment(device, corpus=corpus.fingerprint)
+    print("\n".join(common.describe(env)), flush=True)
     print(corpus.describe(), flush=True)
     size, recipe = PRESETS[args.preset]
     model, path, info = pretrained_model(size, recipe, corpus, device, args.cache_dir,

@@ -1,21 +1,17 @@
 """``make bench``: every benchmark question, then the plots and the summary.
 
-On a CUDA GPU it runs the issue's shapes in bf16 (``--full`` for every N; the default is a
+On a CUDA GPU it runs the benchmark's shapes in bf16 (``--full`` for every N; the default is a
 subset chosen so that the run, FlexAttention's compilation included, fits a 10-minute call).
 Without CUDA it runs small fp32 shapes through the PyTorch paths only: Triton timings need a
 GPU (Triton's CPU interpreter is a debugging tool, not a benchmark).
 
-Rows are appended to ``bench/results/<question>.csv``; a provider that fails gets an error row
-and the run goes on. Exits 0 unless the harness itself breaks.
+Rows are appended to ``<results dir>/<question>.csv`` (``build/bench`` unless
+``--results-dir`` names another); a provider that fails gets an error row and the run goes on.
+Exits 0 unless the harness itself breaks.
 """
 import sys
-import time
 
-import common
-import h2o_decode
-import plot
-import sf_attn
-import summary
+from bench import common, h2o_decode, plot, sf_attn, summary
 
 QUESTIONS = ("sf_attn", "h2o_decode")
 # Seconds after which no new shape starts: the GPU run must end inside a 10-minute device call
@@ -26,14 +22,14 @@ SF_SHARE = 0.65
 
 
 def main(argv=None):
-    ap = common.script_parser(__doc__, "every shape of the issue (GPU)")
+    ap = common.script_parser(__doc__, "every shape of the benchmark (GPU)")
     ap.add_argument("--only", choices=QUESTIONS, nargs="+", default=list(QUESTIONS))
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     device, env = common.start(args)
     cuda = device.type == "cuda"
     budget = args.time_budget or (GPU_BUDGET_S if cuda else CPU_BUDGET_S)
-    end = time.monotonic() + budget
+    deadline = common.Deadline(budget)
     if not cuda:
         print("No CUDA GPU here: Triton timings need a GPU. This run times only the PyTorch "
               "paths on small fp32 CPU shapes; its numbers say nothing about GPU speed.",
@@ -45,8 +41,7 @@ def main(argv=None):
                     common.Deadline(budget * share),
                     sf_attn.shapes(device, full=args.full, tiny=args.tiny))
     if "h2o_decode" in args.only:
-        h2o_decode.run(device, args.results_dir / "h2o_decode.csv", env,
-                       common.Deadline(max(0.0, end - time.monotonic())),
+        h2o_decode.run(device, args.results_dir / "h2o_decode.csv", env, deadline,
                        h2o_decode.shapes(device, full=args.full, tiny=args.tiny))
 
     if not args.no_plot:

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import common
+from bench import common
+from bench.common import Provider
 
 KERNEL = "sf_attn"
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -59,9 +60,12 @@ class Shape:
         return {"B": self.B, "Hq": self.Hq, "Hkv": self.Hkv, "N": self.N, "D": self.D,
                 "G": self.G, "S": self.S, "dtype": str(self.dtype).replace("torch.", "")}
 
+    def __str__(self):
+        return " ".join(f"{k}={v}" for k, v in self.columns().items())
+
 
 def shapes(device, full=False, n_values=None, hkv_values=None, tiny=False):
-    """The issue's shapes on CUDA (G = N/4, S = 4); small fp32 ones on CPU."""
+    """The benchmark's shapes on CUDA (G = N/4, S = 4); small fp32 ones on CPU."""
     if device.type == "cuda":
         b, hq, d, dtype = 1, 32, 128, torch.bfloat16
         n_values = n_values or (GPU_N if full else GPU_N_DEFAULT)
@@ -118,15 +122,15 @@ def flops(shape, pattern, pass_):
     return factor * fwd
 
 
-# --- providers: each returns (fn(q, k, v) -> out, pattern, note) -------------------------------
+# --- providers: each returns a Provider, fn(q, k, v) -> out, gated against sinklora's ----------
 
 def make_sinklora(backend):
     def make(shape, device, q, k, v, do):
         import sinklora
 
         pattern = sf_pattern(shape)
-        return (lambda q, k, v: sinklora.sf_attention(q, k, v, backend=backend, **pattern),
-                pattern, "")
+        return Provider(lambda q, k, v: sinklora.sf_attention(q, k, v, backend=backend, **pattern),
+                        pattern=pattern)
     return make
 
 
@@ -166,13 +170,15 @@ def make_flex(shape, device, q, k, v, do):
     gqa = shape.Hq != shape.Hkv
     if compiled:
         attn = torch.compile(flex_attention, dynamic=False, fullgraph=True)
-        return (lambda q, k, v: attn(q, k, v, block_mask=block_mask, enable_gqa=gqa), pattern, note)
+        return Provider(lambda q, k, v: attn(q, k, v, block_mask=block_mask, enable_gqa=gqa),
+                        note, pattern=pattern)
     # FlexAttention refuses inputs that require grad on CPU: it has no CPU backward. Its
     # warning about running uncompiled is what the note says already.
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     note += "; eager, forward only (no FlexAttention backward on CPU)"
-    return (lambda q, k, v: flex_attention(q.detach(), k.detach(), v.detach(),
-                                           block_mask=block_mask, enable_gqa=gqa), pattern, note)
+    return Provider(lambda q, k, v: flex_attention(q.detach(), k.detach(), v.detach(),
+                                                   block_mask=block_mask, enable_gqa=gqa),
+                    note, pattern=pattern)
 
 
 def longlora_s2(q, k, v, group_size):
@@ -201,8 +207,9 @@ def make_longlora(shape, device, q, k, v, do):
     # What each of longlora_s2's SDPA calls sees: Hq heads (k/v repeated), G tokens.
     group = q[:, :, :shape.G]
     backend = common.sdpa_choice(group, group, group, is_causal=True)
-    return (lambda q, k, v: longlora_s2(q, k, v, shape.G), s2_pattern(shape),
-            f'mode="s2", no sinks; GQA by repeat; SDPA backend (auto) {backend}')
+    return Provider(lambda q, k, v: longlora_s2(q, k, v, shape.G),
+                    f'mode="s2", no sinks; GQA by repeat; SDPA backend (auto) {backend}',
+                    pattern=s2_pattern(shape))
 
 
 def make_sdpa(shape, device, q, k, v, do):
@@ -235,7 +242,7 @@ def make_sdpa(shape, device, q, k, v, do):
             for t in (q, k, v):
                 t.grad = None
         how = ("GQA native" if native_gqa else "GQA by repeat") if gqa else "MHA"
-        return fn, causal_pattern(shape), f"SDPA backend {backend.name}, {how}"
+        return Provider(fn, f"SDPA backend {backend.name}, {how}", pattern=causal_pattern(shape))
     raise RuntimeError("no SDPA backend ran: " + "; ".join(failures))
 
 
@@ -333,14 +340,16 @@ def _measure(pass_, fn, q, k, v, do, device):
     return ms, peak
 
 
-def bench_provider(name, shape, device, inputs, refs, base_row):
-    """Rows for one provider on one shape: one per pass, or error rows."""
-    q, k, v, do = inputs
+def bench_provider(name, inputs, base_row):
+    """Rows for one provider on one shape (``inputs`` from ``prepare``): one per pass, or error
+    rows."""
+    shape, device, q, k, v, do, refs = inputs
     passes = _passes(name, device)
-    label = f"{name} N={shape.N} Hkv={shape.Hkv}"
+    label = f"{name} {shape}"
     try:
-        fn, pattern, note = PROVIDERS[name](shape, device, q, k, v, do)
-        (ref, ref_backend) = refs.get(pattern)
+        provider = PROVIDERS[name](shape, device, q, k, v, do)
+        fn, note = provider.fn, provider.note
+        (ref, ref_backend) = refs.get(provider.pattern)
         t0 = time.perf_counter()
         if "bwd" not in passes:
             got = (fn(q, k, v),)
@@ -357,30 +366,21 @@ def bench_provider(name, shape, device, inputs, refs, base_row):
             note += f"; compile + first fwd+bwd {first_call:.0f}s"
         del got
     except Exception as exc:  # noqa: BLE001  any failure is recorded, the run goes on
-        common.report_failure(label, exc)
-        error = common.short_error(exc)
-    else:
-        error = None
-    if error:
-        common.free_memory(device, after_failure=True)
-        return [dict(base_row, provider=name, **{"pass": p}, error=error,
-                     timestamp=common.timestamp()) for p in passes]
+        error = common.failed(base_row, label, exc)
+        return [dict(error, provider=name, **{"pass": p}) for p in passes]
 
     rows = []
     for pass_ in passes:
         row = dict(base_row, provider=name, note=note, **{"pass": pass_})
         try:
             ms, peak = _measure(pass_, fn, q, k, v, do, device)
-            row.update(ms_p20=ms[0], ms_p50=ms[1], ms_p80=ms[2], peak_mem_mb=peak,
-                       tflops=flops(shape, pattern, pass_) / (ms[1] * 1e-3) / 1e12)
+            row.update(common.quantile_columns(ms), peak_mem_mb=peak,
+                       tflops=flops(shape, provider.pattern, pass_) / (ms[1] * 1e-3) / 1e12,
+                       timestamp=common.timestamp())
         except Exception as exc:  # noqa: BLE001
-            common.report_failure(f"{label} {pass_}", exc)
-            row["error"] = common.short_error(exc)
-        row["timestamp"] = common.timestamp()
-        rows.append(row)
-        if row.get("error"):
+            row = common.failed(row, f"{label} {pass_}", exc)
             common.free_memory(device, after_failure=True)
-    common.free_memory(device)
+        rows.append(row)
     return rows
 
 
@@ -392,39 +392,25 @@ def make_inputs(shape, device):
     return rand(shape.Hq), rand(shape.Hkv), rand(shape.Hkv), do
 
 
+def prepare(shape, device):
+    """A shape's inputs, seeded by the shape, and the cache of its gate's references."""
+    torch.manual_seed(shape.N * 131 + shape.Hkv)
+    inputs = make_inputs(shape, device)
+    return (shape, device, *inputs, References(shape, device, *inputs))
+
+
 def run(device, csv_path, env, deadline, shape_list, providers=None):
     """Benchmarks every provider on every shape, appending rows to ``csv_path`` as they come.
 
     Returns the rows written.
     """
     providers = providers or [p for p in PROVIDERS if device.type == "cuda" or p not in GPU_ONLY]
-    written = []
-    for shape in shape_list:
-        if deadline.passed():
-            print(f"sf_attn: time budget used up, skipping N={shape.N} Hkv={shape.Hkv}", flush=True)
-            continue
-        print(f"sf_attn B={shape.B} Hq={shape.Hq} Hkv={shape.Hkv} N={shape.N} D={shape.D} "
-              f"G={shape.G} S={shape.S} {shape.columns()['dtype']}", flush=True)
-        torch.manual_seed(shape.N * 131 + shape.Hkv)
-        inputs = make_inputs(shape, device)
-        refs = References(shape, device, *inputs)
-        base = dict(env, kernel=KERNEL, **shape.columns())
-        for name in providers:
-            if deadline.passed():
-                print(f"  time budget used up, skipping {name}", flush=True)
-                continue
-            rows = bench_provider(name, shape, device, inputs, refs, base)
-            for row in rows:
-                common.print_row(row)
-            common.append_rows(csv_path, rows)
-            written += rows
-        del inputs, refs
-        common.free_memory(device)
-    return written
+    return common.run(KERNEL, device, csv_path, env, deadline, shape_list, providers,
+                      lambda shape: prepare(shape, device), bench_provider)
 
 
 def main(argv=None):
-    ap = common.script_parser(__doc__, "all N of the issue (GPU)")
+    ap = common.script_parser(__doc__, "every N of the benchmark (GPU)")
     ap.add_argument("--N", type=int, nargs="+", help="sequence lengths (default per device)")
     ap.add_argument("--hkv", type=int, nargs="+", help="k/v head counts")
     ap.add_argument("--providers", nargs="+", choices=list(PROVIDERS))

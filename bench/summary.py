@@ -1,10 +1,10 @@
-"""Tables of the latest run and the issue's target ratios, as Markdown (for bench/RESULTS.md).
+"""Tables of the latest run and the benchmark's target ratios, as Markdown (for bench/RESULTS.md).
 
-Reads the CSVs in the results folder, takes each one's latest run (``plot.latest_run``), prints
+Reads the CSVs in the results folder, takes each one's latest run (``common.latest_run``), prints
 and writes ``summary.md`` there: one table per question, then one line per target with the
 measured ratio. Only ratios between rows of the same run are formed.
 
-    python bench/summary.py [--results-dir bench/results]
+    python -m bench.summary [--results-dir bench/results]
 """
 import argparse
 import sys
@@ -12,33 +12,21 @@ from pathlib import Path
 
 import torch
 
-import common
-from plot import latest_run
+from bench import common
 
 SF_TABLE = ("provider", "pass", "Hkv", "N", "ms_p50", "tflops", "peak_mem_mb", "note", "error")
 H2O_TABLE = ("provider", "pass", "B", "Hq", "Hkv", "N", "budget", "ms_p50", "gb_s", "kv_bytes",
              "peak_mem_mb", "note", "error")
 
 
-def markdown_table(rows, columns):
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(r.get(c, "").replace("|", "/") for c in columns) + " |")
-    return "\n".join(lines)
-
-
-def _timed(row):
-    return bool(row["ms_p50"]) and not row["error"]
-
-
 def _index(rows, *keys):
-    return {tuple(r[k] for k in keys): r for r in rows if _timed(r)}
+    return {tuple(r[k] for k in keys): r for r in rows if common.is_timed(r)}
 
 
 def _not_measured(where, rows, providers):
     """A line for a target some of whose ``providers`` have no timed row among the shape's
     ``rows`` (missing or failed), with the error where a row failed: never silently dropped."""
-    timed = {r["provider"] for r in rows if _timed(r)}
+    timed = {r["provider"] for r in rows if common.is_timed(r)}
     errors = {r["provider"]: r["error"] for r in rows if r["error"]}
     what = ", ".join(f"{p} ({errors.get(p, 'no row')})" for p in providers if p not in timed)
     return f"- {where}: not measured: {what}: target not checked"
@@ -146,14 +134,15 @@ def summarize(results_dir, run_id=None):
         path = Path(results_dir) / f"{name}.csv"
         if not path.exists():
             continue
-        rows = latest_run(common.read_rows(path), run_id)
+        rows = common.latest_run(common.read_rows(path), run_id)
         if not rows:
             continue
         first = rows[0]
         parts.append(f"## {name}\n\ndevice: {first['device']}; torch {first['torch']}, "
                      f"triton {first['triton']}, transformers {first['transformers']}; "
                      f"git sha {first['git_sha']}; run {first['run_id']}\n")
-        parts.append(markdown_table(rows, columns) + "\n")
+        parts.append(common.markdown_table(columns, [[r.get(c, "") for c in columns]
+                                                     for r in rows]) + "\n")
         lines = targets(rows)
         if lines:
             parts.append("Targets:\n\n" + "\n".join(lines) + "\n")
@@ -162,7 +151,7 @@ def summarize(results_dir, run_id=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Markdown tables and target ratios of the latest run")
-    ap.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
+    common.add_results_dir(ap)
     ap.add_argument("--run-id", help="summarize this run instead of the latest (a CSV without "
                                      "it: its latest run)")
     args = ap.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Times candidate tiles of the SF-Attn kernels on a GPU, one kernel at a time (issue 5 tuning).
+"""Times candidate tiles of the SF-Attn kernels on a GPU, one kernel at a time.
 
 For each kernel (forward, dq, dk/dv) and each candidate ``Tile`` (rows, cols, warps, stages;
 see ``sinklora/kernels/sf_attn.py``), the other two kernels keep their default tiles and the
@@ -8,23 +8,23 @@ N=16k, G=N/4, S=4 by default): the forward pass for forward tiles, the whole bac
 gated against the default tiles' outputs first. The compiled kernel's registers and spills are
 read from Triton when it exposes them.
 
-Rows go to ``bench/results/tune_sf.csv`` (the benchmark columns; ``provider`` names the
+Rows go to ``<results dir>/tune_sf.csv`` (the benchmark columns; ``provider`` names the
 kernel and tile, ``note`` the registers/spills); the script ends with the fastest tile per
 kernel next to the default's time. Winners go into ``_TILES`` by hand, after which the compile
 test (``tests/kernels``) checks them for spills and shared memory without a GPU. The present
 table was chosen without a GPU (spill-free, fits shared memory); this script has not run on a
 GPU yet, so how long it takes there is unknown (compilation of 21 tiles dominates).
 
-    PYTHONPATH=$PWD python3 bench/tune_sf.py
-    PYTHONPATH=$PWD python3 bench/tune_sf.py --hkv 32 --N 8192
+    python3 -m bench.tune_sf
+    python3 -m bench.tune_sf --hkv 32 --N 8192
 """
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-import common
+from bench import common
+from bench.sf_attn import Shape
 
 KERNELS = ("fwd", "dq", "dkdv")
 # Candidates per kernel for 16-bit D=128, (rows, cols, warps, stages). Forward and dq own a
@@ -70,7 +70,7 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
-    ap.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
+    common.add_results_dir(ap)
     ap.add_argument("--quick", action="store_true",
                     help="a handful of candidates per kernel (QUICK), today's tile first")
     ap.add_argument("--time-budget", type=float,
@@ -87,70 +87,69 @@ def main(argv=None):
         args.N, args.hq, args.hkv, args.head_dim, args.dtype = 64, 4, 2, 16, "float16"
     cuda = torch.cuda.is_available()
     if not cuda and not (args.smoke and interpreted()):
-        print("tune_sf.py times compiled kernels: it needs a CUDA GPU (without one, --smoke "
+        print("bench.tune_sf times compiled kernels: it needs a CUDA GPU (without one, --smoke "
               "checks the script under TRITON_INTERPRET=1)")
         return 0
     device = torch.device("cuda" if cuda else "cpu")
     env = common.environment(device)
-    print(common.describe(env), flush=True)
+    print("\n".join(common.describe(env)), flush=True)
     dtype = getattr(torch, args.dtype)
-    n, d, g, s = args.N, args.head_dim, args.N // 4, 4
-    shift_heads, scale = args.hq // 2, d ** -0.5
-    q = torch.randn(1, args.hq, n, d, device=device, dtype=dtype)
-    k = torch.randn(1, args.hkv, n, d, device=device, dtype=dtype)
-    v = torch.randn(1, args.hkv, n, d, device=device, dtype=dtype)
-    do = torch.randn_like(q)
-    shape = {"B": 1, "Hq": args.hq, "Hkv": args.hkv, "N": n, "D": d, "G": g, "S": s,
-             "dtype": args.dtype}
-
+    shape = Shape(1, args.hq, args.hkv, args.N, args.head_dim, args.N // 4, 4, dtype)
+    n, d, g, s = shape.N, shape.D, shape.G, shape.S
+    shift_heads, scale = shape.Hq // 2, d ** -0.5
     default_tiles = launchers.tiles
-    deadline = common.Deadline(args.time_budget)
+    candidates = {}  # provider name -> (kernel, tile)
+    for kernel in args.kernels:
+        for tile in (CANDIDATES[kernel][:1] if args.smoke
+                     else QUICK[kernel] if args.quick else CANDIDATES[kernel]):
+            tile = launchers.Tile._make(tile)
+            candidates[f"{kernel}:{tile.rows}x{tile.cols}w{tile.warps}s{tile.stages}"] = (
+                kernel, tile)
 
-    def forward():
-        return launchers.sf_attn_forward(q, k, v, g, s, shift_heads, False, scale)
+    def prepare(shape):
+        q = torch.randn(1, shape.Hq, n, d, device=device, dtype=dtype)
+        k = torch.randn(1, shape.Hkv, n, d, device=device, dtype=dtype)
+        v = torch.randn(1, shape.Hkv, n, d, device=device, dtype=dtype)
+        do = torch.randn_like(q)
 
-    o, lse = forward()
+        def forward():
+            return launchers.sf_attn_forward(q, k, v, g, s, shift_heads, False, scale)
 
-    def backward():
-        return launchers.sf_attn_backward(do, q, k, v, o, lse, g, s, shift_heads, False, scale)
+        o, lse = forward()
 
-    reference = {"fwd": (o,), "bwd": (o, *backward())}
+        def backward():
+            return launchers.sf_attn_backward(do, q, k, v, o, lse, g, s, shift_heads, False,
+                                              scale)
+
+        passes = {"fwd": lambda: forward()[:1], "bwd": lambda: (o, *backward())}
+        return passes, {"fwd": (o,), "bwd": (o, *backward())}
+
+    def bench(name, inputs, base_row):
+        passes, reference = inputs
+        kernel, candidate = candidates[name]
+        pass_name = "fwd" if kernel == "fwd" else "bwd"
+        row = dict(base_row, provider=name, **{"pass": pass_name})
+        launchers.tiles = lambda head_dim, dt: {**default_tiles(head_dim, dt), kernel: candidate}
+        try:
+            common.gate(name, passes[pass_name](), reference[pass_name], dtype)
+            row.update(common.quantile_columns(common.time_ms(passes[pass_name], device)),
+                       timestamp=common.timestamp(), note=_compiled_usage(launchers, kernel)
+                       + (" (default)" if candidate == default_tiles(d, dtype)[kernel] else ""))
+        except Exception as exc:  # noqa: BLE001  a tile that fails is a row, not a stop
+            row = common.failed(row, name, exc)
+        finally:
+            launchers.tiles = default_tiles
+        return [row]
+
+    rows = common.run("sf_attn_tile", device, args.results_dir / "tune_sf.csv", env,
+                      common.Deadline(args.time_budget), [shape], list(candidates), prepare,
+                      bench)
     best = {}
-    try:
-        for kernel in args.kernels:
-            default = default_tiles(d, dtype)[kernel]
-            timings = {}
-            candidates = (CANDIDATES[kernel][:1] if args.smoke
-                          else QUICK[kernel] if args.quick else CANDIDATES[kernel])
-            for candidate in map(launchers.Tile._make, candidates):
-                if deadline.passed():
-                    print(f"time budget used up, skipping {kernel} {candidate}", flush=True)
-                    continue
-                def patched(head_dim, dt, kernel=kernel, candidate=candidate):
-                    return {**default_tiles(head_dim, dt), kernel: candidate}
-
-                launchers.tiles = patched
-                pass_name = "fwd" if kernel == "fwd" else "bwd"
-                fn = (lambda: forward()[:1]) if kernel == "fwd" else (lambda: (o, *backward()))
-                row = {"kernel": "sf_attn_tile", "pass": pass_name, **shape, **env,
-                       "provider": f"{kernel}:{candidate.rows}x{candidate.cols}"
-                                   f"w{candidate.warps}s{candidate.stages}",
-                       "timestamp": common.timestamp()}
-                try:
-                    common.gate(row["provider"], fn(), reference[pass_name], dtype)
-                    row["ms_p20"], row["ms_p50"], row["ms_p80"] = common.time_ms(fn, device)
-                    row["note"] = _compiled_usage(launchers, kernel) + (
-                        " (default)" if candidate == default else "")
-                    timings[candidate] = row["ms_p50"]
-                except Exception as exc:  # noqa: BLE001  a tile that fails is a row, not a stop
-                    row["error"] = common.short_error(exc)
-                    common.free_memory(device, after_failure=True)
-                common.print_row(row)
-                common.append_rows(args.results_dir / "tune_sf.csv", [row])
-            if timings:
-                best[kernel] = (min(timings, key=timings.get), timings, default)
-    finally:
-        launchers.tiles = default_tiles
+    for kernel in args.kernels:
+        timings = {candidates[r["provider"]][1]: r["ms_p50"] for r in rows
+                   if not r.get("error") and candidates[r["provider"]][0] == kernel}
+        if timings:
+            best[kernel] = (min(timings, key=timings.get), timings, default_tiles(d, dtype)[kernel])
 
     print("\nfastest tile per kernel (ms p50 of its pass):")
     for kernel, (winner, timings, default) in best.items():

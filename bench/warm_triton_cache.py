@@ -1,7 +1,7 @@
 """Fills a Triton cache for first light's GPU call on a machine without a GPU, so that the call
 loads its kernels instead of compiling them on the device's clock.
 
-    make warm-gpu-cache          # build/warm-venv with triton 3.6.0, then this script
+    make warm-gpu-cache          # build/warm-venv with triton 3.6.0, then this module
     # the device call then carries build/triton-cache (bench/RESULTS.md, "The GPU calls")
 
 The launches first light makes (the ``gpu_smoke`` tests, the headline shapes, the quick tile
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench"
 # sha256 of triton/_C/libtriton.so in triton-<version>-cp312-cp312-manylinux_2_27_x86_64
 # .manylinux_2_28_x86_64.whl on PyPI: the GPU machine's Triton.
 DEVICE_LIBTRITON = {"3.6.0": "28daaa70a904e4f8add754e518533e8a69b94ab8b16431ce77d45f1f25282b87"}
@@ -123,9 +122,9 @@ def headline():
     kernels; H2O prefill and decode at 16k, B=8, Llama-3-8B heads, 50% budget."""
     import torch
 
-    import h2o_decode as h2o_bench
-    import sf_attn as sf_bench
     import sinklora
+    from bench import h2o_decode as h2o_bench
+    from bench import sf_attn as sf_bench
 
     cpu = torch.device("cpu")
     for n in (16384, 32768, 8192):
@@ -145,10 +144,10 @@ def headline():
 
 
 def tune():
-    """``tune_sf.py --quick``'s candidates at its default shape."""
+    """``bench.tune_sf --quick``'s candidates at its default shape."""
     import torch
 
-    import tune_sf
+    from bench import tune_sf
     from sinklora.kernels import sf_attn as launchers
 
     n, d, g, s, hq, hkv = 16384, 128, 4096, 4, 32, 8
@@ -187,16 +186,17 @@ def check():
 
 
 def long():
-    """``long_sequence.py --N 131072``."""
+    """``bench.long_sequence --N 131072``."""
     import torch
 
-    import long_sequence
+    from bench import long_sequence
     from sinklora import sf_attention
 
-    b, hq, hkv, n, d, g, s = next(c for c in long_sequence.GPU_CASES if c[3] == 131072)
-    q, k, v = long_sequence.make_inputs(b, hq, hkv, n, d, torch.bfloat16, torch.device("cpu"))
-    out = sf_attention(q, k, v, group_size=g, num_sink=s, softmax_scale=d ** -0.5,
-                       backend="triton")
+    case = next(c for c in long_sequence.GPU_CASES if c.N == 131072)
+    q, k, v = long_sequence.make_inputs(case.B, case.Hq, case.Hkv, case.N, case.D, case.dtype,
+                                        torch.device("cpu"))
+    out = sf_attention(q, k, v, group_size=case.G, num_sink=case.S,
+                       softmax_scale=case.D ** -0.5, backend="triton")
     torch.autograd.grad(out, (q, k, v), torch.randn(q.shape, dtype=torch.bfloat16))
 
 
@@ -216,11 +216,10 @@ def main(argv=None):
     # Read by Triton and by the tests' conftest when they are imported.
     os.environ.update(TRITON_INTERPRET="0", TRITON_STORE_BINARY_ONLY="1",
                       TRITON_CACHE_DIR=str(args.cache_dir))
-    sys.path[:0] = [str(REPO), str(BENCH)]
     import triton
     from triton.runtime.cache import triton_key
 
-    import common
+    from bench import common
 
     if args.key == "local":
         key = triton_key()

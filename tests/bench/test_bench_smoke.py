@@ -1,23 +1,21 @@
 """The benchmark harness on CPU: exact FLOP counting, the LongLoRA provider, and a tiny
-``bench/run_all.py --cpu`` run whose CSV rows carry every column."""
+``bench.run_all --cpu`` run whose CSV rows carry every column, and the default results folder
+that keeps a clone clean."""
+import argparse
 import csv
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import sinklora
+from bench import common, context_extension, h2o_quality, long_sequence, plot, run_all
+from bench import h2o_decode as h2o_bench
+from bench import sf_attn as sf_bench
+from bench import summary, tune_sf
 from sinklora.sf_attn import dense_mask, sf_attention_reference
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import common  # noqa: E402
-import h2o_decode as h2o_bench  # noqa: E402
-import run_all  # noqa: E402
-import sf_attn as sf_bench  # noqa: E402
-import tune_sf  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("n, hq, make_pattern", [
@@ -65,7 +63,7 @@ def test_sdpa_choice_names_the_dispatchers_backend(monkeypatch):
 def test_h2o_prefill_gate_checks_the_scores_and_the_kept_set():
     shape = h2o_bench.Shape("gqa", 2, 4, 2, 64, 16, torch.float32)
     ctx = h2o_bench.Context(shape, torch.device("cpu"))
-    check = h2o_bench.make_h2o_prefill(0.5, "torch")(ctx)[2]
+    check = h2o_bench.make_h2o_prefill(0.5, "torch")(ctx).gate
     assert "its kept set the top scores" in check()
     heavy, recent = h2o_bench.split_budget(shape, 0.5)
     _, state = sinklora.h2o_prefill(ctx.q_prompt, ctx.k_prompt, ctx.v_prompt,
@@ -179,17 +177,14 @@ def _gpu_row(provider, n, ms, run_id, **extra):
 def test_summary_forms_each_target_and_never_drops_one(tmp_path):
     """Ratios from one run's rows (an older run is ignored); a provider that failed or has no
     row gives a "not measured" line instead of a missing one."""
-    import plot
-    import summary
-
     old, new = "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00"
     rows = [_gpu_row("flex", 16384, 1.0, old),
             _gpu_row("sinklora_triton", 16384, 10.0, new, tflops="300", peak_mem_mb="100"),
             _gpu_row("flex", 16384, 16.0, new),
             _gpu_row("sdpa_causal", 16384, 29.0, new, tflops="400"),
             _gpu_row("longlora_s2", 16384, "", new, error="OutOfMemoryError: x")]
-    common.append_rows(tmp_path / "sf_attn.csv", rows)
-    lines = summary.sf_targets(plot.latest_run(common.read_rows(tmp_path / "sf_attn.csv")))
+    common.write_csv(tmp_path / "sf_attn.csv", rows)
+    lines = summary.sf_targets(common.latest_run(common.read_rows(tmp_path / "sf_attn.csv")))
     assert lines == [
         "- Hkv=8 N=16384: FlexAttention / sinklora fwd+bwd time: 1.600 (target >= 1.5): met",
         "- Hkv=8 N=16384: dense causal SDPA / sinklora fwd+bwd time: 2.900 (target >= 3.0): "
@@ -220,8 +215,6 @@ def test_peak_memory_counts_only_what_the_call_adds(monkeypatch):
 
 
 def test_summary_longlora_and_h2o_targets():
-    import summary
-
     run = "2026-02-01T00:00:00+00:00"
     rows = [_gpu_row("sinklora_triton", 8192, 10.0, run, peak_mem_mb="100"),
             _gpu_row("longlora_s2", 8192, 14.0, run, peak_mem_mb="100")]
@@ -253,3 +246,28 @@ def test_flops_per_pass():
     assert fwd == 4 * 16 * sf_bench.visible_pairs(shape, pattern)
     assert sf_bench.flops(shape, pattern, "bwd") == 2.5 * fwd
     assert sf_bench.flops(shape, pattern, "fwd+bwd") == 3.5 * fwd
+
+
+class _Parsed(Exception):
+    pass
+
+
+def test_every_script_writes_under_build_by_default(monkeypatch):
+    """`make bench` and each script with no --results-dir write under build/bench, which git
+    ignores, so a clone stays clean; bench/results changes only when it is named."""
+    assert common.RESULTS_DIR == REPO / "build" / "bench"
+    assert "build/" in (REPO / ".gitignore").read_text().split()
+    parse = argparse.ArgumentParser.parse_args
+    parsed = []
+
+    def stop_after_parsing(self, args=None, namespace=None):
+        parsed.append(parse(self, args, namespace))
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop_after_parsing)
+    scripts = (run_all, sf_bench, h2o_bench, long_sequence, tune_sf, plot, summary,
+               h2o_quality, context_extension)
+    for script in scripts:
+        with pytest.raises(_Parsed):
+            script.main([])
+    assert [args.results_dir for args in parsed] == [common.RESULTS_DIR] * len(scripts)

@@ -11,16 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "bench"
-sys.path.insert(0, str(BENCH))
+from bench import common, first_light, long_sequence
+from bench import h2o_decode as h2o_bench
+from bench import sf_attn as sf_bench
+from bench import tune_sf
 
-import common  # noqa: E402
-import first_light  # noqa: E402
-import h2o_decode as h2o_bench  # noqa: E402
-import long_sequence  # noqa: E402
-import sf_attn as sf_bench  # noqa: E402
-import tune_sf  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _summary_rows(out):
@@ -65,13 +61,14 @@ def test_dry_run_through_the_shell_entry(tmp_path):
 
 
 def _gpu_argv(part, out):
-    """The argv (after the script) of each command of ``part`` on the GPU, as run."""
+    """``(module, argv after it)`` of each command of ``part`` on the GPU, as run."""
     argvs = []
     for _share, cmd in first_light.part_commands(part, "python3", out, dry_run=False):
-        argv = [str(c) for c in cmd[2:]]
+        assert cmd[1] == "-m", cmd
+        argv = [str(c) for c in cmd[3:]]
         if part in first_light.SOFT_BUDGET:
             argv += ["--time-budget", "100"]
-        argvs.append((Path(cmd[1]).name, argv))
+        argvs.append((cmd[2], argv))
     return argvs
 
 
@@ -82,13 +79,14 @@ def test_gpu_command_lines_give_the_headline_shapes(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "start", lambda args: (torch.device("cuda"), {}))
     monkeypatch.setattr(sf_bench, "run", lambda *a: calls.append(("sf_attn", a[4], a[5])))
     monkeypatch.setattr(h2o_bench, "run", lambda *a: calls.append(("h2o", a[4], a[5])))
-    monkeypatch.setattr(long_sequence, "run_case", lambda case, *a: calls.append(("long", case)) or {})
-    monkeypatch.setattr(long_sequence.common, "append_rows", lambda *a: None)
-    mains = {"sf_attn.py": sf_bench.main, "h2o_decode.py": h2o_bench.main,
-             "tune_sf.py": tune_sf.main, "long_sequence.py": long_sequence.main}
+    monkeypatch.setattr(long_sequence, "run_case",
+                        lambda case, device, row: calls.append(("long", case))
+                        or dict(row, error="not run"))
+    mains = {"bench.sf_attn": sf_bench.main, "bench.h2o_decode": h2o_bench.main,
+             "bench.tune_sf": tune_sf.main, "bench.long_sequence": long_sequence.main}
     for part in ("headline", "tune", "long"):
         for script, argv in _gpu_argv(part, tmp_path):
-            mains[script](argv)  # tune_sf.py parses, then says it needs a GPU
+            mains[script](argv)  # bench.tune_sf parses, then says it needs a GPU
 
     sf_calls = [c for c in calls if c[0] == "sf_attn"]
     assert [[(s.B, s.Hq, s.Hkv, s.N, s.D, s.G, s.S, s.dtype) for s in shapes]
@@ -102,7 +100,7 @@ def test_gpu_command_lines_give_the_headline_shapes(tmp_path, monkeypatch):
         (8, 32, 8, 16384, 128, torch.bfloat16)]
     assert {"sinklora_h2o_50", "full_sdpa", "static_sdpa", "sdpa_prefill",
             "sinklora_h2o_prefill_50"} == set(h2o_providers)
-    assert [c[1][3] for c in calls if c[0] == "long"] == [131072]
+    assert [c[1].N for c in calls if c[0] == "long"] == [131072]
 
 
 def test_quick_tune_starts_with_todays_tiles():
@@ -129,7 +127,7 @@ def test_a_part_past_its_deadline_is_stopped_and_the_next_part_runs(tmp_path):
     assert status["smoke"] == "timed out"
     assert status["tune"] in ("ok", "timed out")
     log = (out / "first_light.log").read_text()
-    assert "[deadline: SIGINT" in log and "tune_sf.py --smoke" in log
+    assert "[deadline: SIGINT" in log and "bench.tune_sf --smoke" in log
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
@@ -145,7 +143,7 @@ def test_deadlines_fit_the_call(dry_run):
 
 
 def test_summary_states_the_prefill_target():
-    import summary
+    from bench import summary
 
     def row(provider, ms):
         return {"provider": provider, "pass": "prefill", "B": "8", "Hq": "32", "Hkv": "8",
@@ -161,7 +159,7 @@ def test_warmed_cache_is_loaded_instead_of_compiled(tmp_path):
     same launches loads every kernel from the cache and compiles none."""
     pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
     cache = tmp_path / "cache"
-    cmd = [sys.executable, str(BENCH / "warm_triton_cache.py"), "--cache-dir", str(cache),
+    cmd = [sys.executable, "-m", "bench.warm_triton_cache", "--cache-dir", str(cache),
            "--parts", "check", "--key", "local"]
     outputs = []
     for _ in range(2):
@@ -173,8 +171,9 @@ def test_warmed_cache_is_loaded_instead_of_compiled(tmp_path):
     assert second == dict(first, compiled=0, loaded=first["compiled"], seconds=second["seconds"])
     assert json.loads((cache / "WARMED.json").read_text()) == second
 
-    import warm_triton_cache
     from triton.runtime.cache import triton_key
+
+    from bench import warm_triton_cache
 
     assert first["device_key_sha256"] == warm_triton_cache.key_digest(triton_key())
     info = first_light.triton_cache(cache)

@@ -1,20 +1,13 @@
-"""``bench/long_sequence.py`` in its CPU mode: the exact-slice check it runs on the GPU at 540k
+"""``bench.long_sequence`` in its CPU mode: the exact-slice check it runs on the GPU at 540k
 and 128k tokens, here on a small shape under the interpreter."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import common  # noqa: E402
-import long_sequence  # noqa: E402
+from bench import common, long_sequence
 
 # The CPU mode runs the kernels under the interpreter, which conftest switches off on CUDA.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="the GPU runs bench/long_sequence.py itself")
+                                reason="the GPU runs bench.long_sequence itself")
 
 
 def test_cpu_check_passes_and_records_a_row(tmp_path):

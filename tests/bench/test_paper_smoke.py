@@ -1,4 +1,4 @@
-"""The paper experiments (bench/context_extension.py, bench/h2o_quality.py) run end to end with
+"""The paper experiments (bench.context_extension, bench.h2o_quality) run end to end with
 --smoke, and the corpus they share is split and sampled deterministically.
 
 The smoke runs use the CPU even where CUDA exists: they check the scripts, and on a GPU the
@@ -13,14 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
+from bench import context_extension, corpus, h2o_quality, paper_results, pretrain
 
-import context_extension  # noqa: E402
-import corpus  # noqa: E402
-import h2o_quality  # noqa: E402
-import paper_results  # noqa: E402
-import pretrain  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 ARMS = ["full", "s2", "s2+sinks", "sf-no-sinks", "sf"]
 
@@ -112,7 +107,7 @@ def test_presets():
 
 
 def test_recovery_needs_a_clear_gain(tmp_path):
-    """Recovery per seed from the issue's formula; n/a where the base is not 1 % worse than
+    """Recovery per seed from SinkLoRA's formula; n/a where the base is not 1 % worse than
     full; a seed some arm has not finished is left out of every column."""
     log = context_extension.RunLog(tmp_path / "runs.jsonl", fresh=True)
     log.add({"arm": "base", "seed": None, "ppl": 10.0})
@@ -129,11 +124,11 @@ def test_recovery_needs_a_clear_gain(tmp_path):
     assert all("recovery_vs_pi" not in r for r in rows.values())  # 4.02 is within 1 % of 4.0
 
 
-def _run(script, tmp_path, *extra):
-    cmd = [sys.executable, str(BENCH / script), "--smoke", "--device", "cpu",
+def _run(module, tmp_path, *extra):
+    cmd = [sys.executable, "-m", module, "--smoke", "--device", "cpu",
            "--cache-dir", str(tmp_path / "cache"),
            "--results-dir", str(tmp_path / "results"), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -149,7 +144,7 @@ def smoke_dir(tmp_path_factory):
 
 
 def test_context_extension_smoke(smoke_dir):
-    out = _run("context_extension.py", smoke_dir)
+    out = _run("bench.context_extension", smoke_dir)
     results = smoke_dir / "results"
     assert not (results / "context_extension.csv").exists()  # smoke never writes results
     rows = {r["arm"]: r for r in _rows(results / "context_extension_smoke.csv")}
@@ -175,14 +170,14 @@ def test_context_extension_smoke(smoke_dir):
     assert "[sf seed 0] step 3/3" in out
 
     # A second run finds every run finished in the cache: no training, same table.
-    again = _run("context_extension.py", smoke_dir)
+    again = _run("bench.context_extension", smoke_dir)
     assert "step 1/3" not in again
     assert {r["arm"]: r["ppl"] for r in _rows(results / "context_extension_smoke.csv")} == \
         {a: r["ppl"] for a, r in rows.items()}
 
 
 def test_h2o_quality_smoke(smoke_dir):
-    _run("h2o_quality.py", smoke_dir)
+    _run("bench.h2o_quality", smoke_dir)
     results = smoke_dir / "results"
     rows = _rows(results / "h2o_quality_smoke.csv")
     assert len(rows) == 1 + len(h2o_quality.POLICIES) * len(h2o_quality.BUDGET_PERCENTS)
