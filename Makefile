@@ -28,14 +28,14 @@ GPU_PY ?= python3
 test-gpu:
 	TRITON_INTERPRET=0 PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q tests
 
-# A Triton cache for the GPU machine's first-light call (bench/warm_triton_cache.py), made
+# A Triton cache for the GPU machine's first-light call (bench.warm_triton_cache), made
 # here with that machine's Triton, 3.6.0, in a venv of its own; the call carries build/triton-cache.
 WARM_VENV := build/warm-venv
 warm-gpu-cache:
 	$(PY) -m venv $(WARM_VENV)
 	$(WARM_VENV)/bin/python -c "import torch" 2>/dev/null || $(WARM_VENV)/bin/python -m pip install "torch==2.13.*"
 	$(WARM_VENV)/bin/python -m pip install -q "triton==3.6.0" -e ".[test]"
-	$(WARM_VENV)/bin/python bench/warm_triton_cache.py
+	$(WARM_VENV)/bin/python -m bench.warm_triton_cache
 
 demo: $(STAMP)
 	$(VPY) -m sinklora.demo
