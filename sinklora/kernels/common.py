@@ -1,5 +1,6 @@
 """What the Triton kernels and their launchers share."""
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -11,6 +12,15 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # Every launch asks for fused multiply-adds: the kernels were validated with them (Triton's
 # default up to 3.9), and 3.9 warns that 3.10's default will leave them off.
 FMA = dict(enable_fp_fusion=True)
+
+
+class Tile(NamedTuple):
+    """Launch shape of one kernel: ``rows`` of the program's own block (queries, or keys in a
+    pass that owns a key block) and ``cols`` of the blocks its loops walk."""
+    rows: int
+    cols: int
+    warps: int
+    stages: int
 
 
 def cdiv(a, b):
@@ -38,6 +48,14 @@ def dot_precision(dtype):
     attention tile sizes. 16-bit operands take the default.
     """
     return "tf32x3" if dtype == torch.float32 else None
+
+
+@triton.jit
+def row_tile(base, start, stride_n, BLOCK: tl.constexpr, COLS: tl.constexpr, stride_d=1):
+    """Pointers to rows ``[start, start + BLOCK)``, columns ``[0, COLS)`` of an ``[N, D]`` slice:
+    the row offset is 64-bit (``N * stride_n`` may pass 2**31), offsets inside the tile 32-bit."""
+    return (base + tl.cast(start, tl.int64) * stride_n
+            + tl.arange(0, BLOCK)[:, None] * stride_n + tl.arange(0, COLS)[None, :] * stride_d)
 
 
 @triton.jit

@@ -33,18 +33,15 @@ programs: each writes its partial sums for the sink block, and the partials are 
 afterwards. No program walks all N queries.
 
 q/k/v/do may have any strides with a contiguous last dim (transformers hands over transposed
-views) and are not copied; a strided last dim is copied first.
-Batch/head offsets and the row offset of every tile are 64-bit (a head may span more than 2**31
-elements, e.g. in transformers' [B, N, H, D] layout); offsets inside a tile are 32-bit.
+views) and are not copied; a strided last dim is copied first. Batch/head offsets and the row
+offset of every tile are 64-bit (``row_tile``), offsets inside a tile 32-bit.
 """
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import (FMA, LOG2E, cdiv, dot_precision, interpreted, next_power_of_2,
-                     online_softmax_step)
+from .common import (FMA, LOG2E, Tile, cdiv, dot_precision, interpreted, next_power_of_2,
+                     online_softmax_step, row_tile)
 from .pattern import group_end, group_start, head_shift, in_group, in_sink, in_wrap, wrap_start
 
 DELTA_ROWS = 32  # rows per program of the delta preprocess (o and do tiles, no dots)
@@ -73,19 +70,12 @@ def _num_blocks(start, stop, BLOCK: tl.constexpr):
 
 @triton.jit
 def _edge_block(it, start1, count1, start2, count2, start3, BLOCK: tl.constexpr):
-    """First row of block ``it`` of three runs walked as one loop: ``count1`` blocks from
-    ``start1``, ``count2`` blocks from ``start2``, then blocks from ``start3``."""
+    """First row of block ``it`` of up to three runs walked as one loop: ``count1`` blocks from
+    ``start1``, ``count2`` from ``start2``, then from ``start3``. The part helpers below walk
+    ``count1 + count2 + count3`` blocks so; a part of one run leaves the other two empty."""
     start = start1 + it * BLOCK
     start = tl.where(it >= count1, start2 + (it - count1) * BLOCK, start)
     return tl.where(it >= count1 + count2, start3 + (it - count1 - count2) * BLOCK, start)
-
-
-@triton.jit
-def _rows(base, start, stride_n, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Pointers to rows ``[start, start + BLOCK)`` of one head's ``[N, HEAD_DIM]`` slice. The row
-    offset is 64-bit: ``N * stride_n`` may pass 2**31 (e.g. ``[B, N, H, D]`` layouts)."""
-    return (base + tl.cast(start, tl.int64) * stride_n
-            + tl.arange(0, BLOCK)[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -93,7 +83,7 @@ def _load_rows(base, start, stride_n, n, MASKED: tl.constexpr, BLOCK: tl.constex
                HEAD_DIM: tl.constexpr):
     """Rows ``[start, start + BLOCK)`` of one head; rows past ``n`` read as 0 when ``MASKED``
     (unmasked blocks are known to lie inside the sequence)."""
-    ptrs = _rows(base, start, stride_n, BLOCK, HEAD_DIM)
+    ptrs = row_tile(base, start, stride_n, BLOCK, HEAD_DIM)
     if MASKED:
         tile = tl.load(ptrs, mask=(start + tl.arange(0, BLOCK))[:, None] < n, other=0.0)
     else:
@@ -102,36 +92,32 @@ def _load_rows(base, start, stride_n, n, MASKED: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
-def _query_head(bh, num_heads, kv_group, shift_heads, group_size, n, is_s2):
-    """Batch, query head, kv head (64-bit for offsets), shift and wrap start of program ``bh``."""
+def _query_plan(m0, bh, n, num_heads, kv_group, shift_heads, group_size, num_sink, is_s2,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """What a forward or dq program (query block ``[m0, m0 + BLOCK_M)``, program ``bh``) walks:
+    batch ``b``, query head ``h``, kv head ``g`` (64-bit, for offsets), the head's ``shift`` and
+    ``wrap_from``, then the key blocks of each part as (first key, blocks): ``sink_blocks`` of
+    ``BLOCK_S`` keys from 0, up to the last row's group start; unmasked, ``full_blocks`` from
+    ``full_from``, inside every row's group and below the diagonal; masked, the group's leading
+    ``lead_blocks`` from ``lead_from`` and trailing ``trail_blocks`` from ``trail_from`` (the
+    diagonal), and the ``"s2"`` wrap, ``wrap_blocks`` from ``wrap_from``."""
     h = bh % num_heads
     shift = head_shift(h, num_heads, shift_heads, group_size)
     b = (bh // num_heads).to(tl.int64)
     g = (h // kv_group).to(tl.int64)
-    return b, h.to(tl.int64), g, shift, wrap_start(shift, n, is_s2)
-
-
-@triton.jit
-def _query_block_ranges(m0, n, group_size, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key ranges of query block ``[m0, m0 + BLOCK_M)``: the last row's group start (the sinks
-    end there), then the group's key ranges ``lo..a`` masked, ``full_lo..full_hi`` unmasked,
-    ``d..hi`` masked."""
-    m_last = tl.minimum(m0 + BLOCK_M, n) - 1
-    gs_first = group_start(m0, group_size, shift)
-    gs_last = group_start(m_last, group_size, shift)
-    lo = gs_first // BLOCK_N * BLOCK_N
-    hi = m_last + 1
-    full_lo = tl.cdiv(gs_last, BLOCK_N) * BLOCK_N
-    full_hi = (m0 + 1) // BLOCK_N * BLOCK_N
-    return gs_last, lo, tl.minimum(full_lo, hi), full_lo, full_hi, tl.maximum(full_hi, full_lo), hi
-
-
-@triton.jit
-def _query_edge_counts(m0, shift, lo, a, d, hi, wrap_from, n, BLOCK_N: tl.constexpr):
-    """Masked key blocks of a query block: leading ``lo..a``, trailing ``d..hi``, and the
-    ``"s2"`` wrap ``wrap_from..n`` (only the first half-group of a shifted head has one)."""
-    n_wrap = _num_blocks(wrap_from, n, BLOCK_N) * (m0 < shift)
-    return _num_blocks(lo, a, BLOCK_N), _num_blocks(d, hi, BLOCK_N), n_wrap
+    wrap_from = wrap_start(shift, n, is_s2)
+    rows_end = tl.minimum(m0 + BLOCK_M, n)
+    last_group_start = group_start(rows_end - 1, group_size, shift)
+    lead_from = group_start(m0, group_size, shift) // BLOCK_N * BLOCK_N
+    full_from = tl.cdiv(last_group_start, BLOCK_N) * BLOCK_N
+    full_to = (m0 + 1) // BLOCK_N * BLOCK_N
+    trail_from = tl.maximum(full_to, full_from)
+    return (b, h.to(tl.int64), g, shift, wrap_from,
+            _num_blocks(0, tl.minimum(num_sink, last_group_start), BLOCK_S),
+            full_from, _num_blocks(full_from, full_to, BLOCK_N),
+            lead_from, _num_blocks(lead_from, tl.minimum(full_from, rows_end), BLOCK_N),
+            trail_from, _num_blocks(trail_from, rows_end, BLOCK_N),
+            _num_blocks(wrap_from, n, BLOCK_N) * (m0 < shift))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,11 +125,11 @@ def _query_edge_counts(m0, shift, lo, a, d, hi, wrap_from, n, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start1, count1, start2,
-              count2, start3, count, offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
-              PART: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    for it in range(0, count):
+def _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, n, group_size,
+              shift, num_sink, wrap_from, qk_scale, HEAD_DIM: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, PART: tl.constexpr, BLOCK_K: tl.constexpr, start1,
+              count1, start2=0, count2=0, start3=0, count3=0):
+    for it in range(0, count1 + count2 + count3):
         start_n = _edge_block(it, start1, count1, start2, count2, start3, BLOCK_K)
         offs_n = start_n + tl.arange(0, BLOCK_K)
         k = _load_rows(k_base, start_n, stride_kn, n, PART != FULL, BLOCK_K, HEAD_DIM)
@@ -151,7 +137,7 @@ def _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start1, co
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if PART != FULL:
             mask = _part_mask(PART, offs_m[:, None], offs_n[None, :], group_size, shift, num_sink,
-                              wrap_from, n, it >= count1 + count2)
+                              wrap_from, n, wrap_block=it >= count1 + count2)
             s = tl.where(mask, s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION)
     return acc, l_i, m_i
@@ -170,8 +156,10 @@ def _sf_attn_fwd_kernel(
 ):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b, h, g, shift, wrap_from = _query_head(bh, num_heads, kv_group, shift_heads, group_size, n,
-                                            is_s2)
+    (b, h, g, shift, wrap_from, sink_blocks, full_from, full_blocks, lead_from, lead_blocks,
+     trail_from, trail_blocks, wrap_blocks) = _query_plan(
+        m0, bh, n, num_heads, kv_group, shift_heads, group_size, num_sink, is_s2, BLOCK_M,
+        BLOCK_N, BLOCK_S)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < n
     q = _load_rows(Q + b * stride_qb + h * stride_qh, m0, stride_qn, n, True, BLOCK_M, HEAD_DIM)
@@ -181,29 +169,25 @@ def _sf_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-
-    gs_last, lo, a, full_lo, full_hi, d, hi = _query_block_ranges(
-        m0, n, group_size, shift, BLOCK_M, BLOCK_N)
-    n_sink = _num_blocks(0, tl.minimum(num_sink, gs_last), BLOCK_S)
-    n_full = _num_blocks(full_lo, full_hi, BLOCK_N)
-    n_lead, n_trail, n_wrap = _query_edge_counts(m0, shift, lo, a, d, hi, wrap_from, n, BLOCK_N)
-    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
-                              0, n_sink, 0, 0, 0, n_sink, offs_m, n, group_size, shift, num_sink,
-                              wrap_from, qk_scale, SINK, BLOCK_S, HEAD_DIM, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
-                              full_lo, n_full, 0, 0, 0, n_full, offs_m, n, group_size, shift,
-                              num_sink, wrap_from, qk_scale, FULL, BLOCK_N, HEAD_DIM,
-                              DOT_PRECISION)
-    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
-                              lo, n_lead, d, n_trail, wrap_from, n_lead + n_trail + n_wrap, offs_m,
-                              n, group_size, shift, num_sink, wrap_from, qk_scale, EDGE, BLOCK_N,
-                              HEAD_DIM, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, n,
+                              group_size, shift, num_sink, wrap_from, qk_scale, HEAD_DIM,
+                              DOT_PRECISION, PART=SINK, BLOCK_K=BLOCK_S, start1=0,
+                              count1=sink_blocks)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, n,
+                              group_size, shift, num_sink, wrap_from, qk_scale, HEAD_DIM,
+                              DOT_PRECISION, PART=FULL, BLOCK_K=BLOCK_N, start1=full_from,
+                              count1=full_blocks)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, n,
+                              group_size, shift, num_sink, wrap_from, qk_scale, HEAD_DIM,
+                              DOT_PRECISION, PART=EDGE, BLOCK_K=BLOCK_N, start1=lead_from,
+                              count1=lead_blocks, start2=trail_from, count2=trail_blocks,
+                              start3=wrap_from, count3=wrap_blocks)
 
     # Every real row sees at least itself, so l_i > 0 there; rows past n (never stored) may
     # have seen nothing, and get 1 to keep the arithmetic finite.
     l_i = tl.where(row_ok, l_i, 1.0)
     o = acc / l_i[:, None]
-    tl.store(_rows(O + b * stride_ob + h * stride_oh, m0, stride_on, BLOCK_M, HEAD_DIM),
+    tl.store(row_tile(O + b * stride_ob + h * stride_oh, m0, stride_on, BLOCK_M, HEAD_DIM),
              o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * n + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
@@ -229,11 +213,11 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob,
 
 
 @triton.jit
-def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start1, count1, start2,
-             count2, start3, count, offs_m, n, group_size, shift, num_sink, wrap_from, qk_scale,
-             sink_dk_base, sink_dv_base, PART: tl.constexpr, BLOCK_K: tl.constexpr,
-             HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    for it in range(0, count):
+def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, n, group_size,
+             shift, num_sink, wrap_from, qk_scale, sink_dk_base, sink_dv_base,
+             HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, PART: tl.constexpr,
+             BLOCK_K: tl.constexpr, start1, count1, start2=0, count2=0, start3=0, count3=0):
+    for it in range(0, count1 + count2 + count3):
         start_n = _edge_block(it, start1, count1, start2, count2, start3, BLOCK_K)
         offs_n = start_n + tl.arange(0, BLOCK_K)
         k = _load_rows(k_base, start_n, stride_kn, n, PART != FULL, BLOCK_K, HEAD_DIM)
@@ -242,7 +226,7 @@ def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start1
         p = tl.math.exp2(s - lse[:, None])
         if PART != FULL:
             mask = _part_mask(PART, offs_m[:, None], offs_n[None, :], group_size, shift, num_sink,
-                              wrap_from, n, it >= count1 + count2)
+                              wrap_from, n, wrap_block=it >= count1 + count2)
             p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -275,8 +259,10 @@ def _sf_attn_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     m0 = pid_m * BLOCK_M
     bh = tl.program_id(1)
-    b, h, g, shift, wrap_from = _query_head(bh, num_heads, kv_group, shift_heads, group_size, n,
-                                            is_s2)
+    (b, h, g, shift, wrap_from, sink_blocks, full_from, full_blocks, lead_from, lead_blocks,
+     trail_from, trail_blocks, wrap_blocks) = _query_plan(
+        m0, bh, n, num_heads, kv_group, shift_heads, group_size, num_sink, is_s2, BLOCK_M,
+        BLOCK_N, BLOCK_S)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < n
@@ -293,34 +279,30 @@ def _sf_attn_bwd_dq_kernel(
     sink_dv_base = SINK_DV + sink_off
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    gs_last, lo, a, full_lo, full_hi, d, hi = _query_block_ranges(
-        m0, n, group_size, shift, BLOCK_M, BLOCK_N)
-    n_sink = _num_blocks(0, tl.minimum(num_sink, gs_last), BLOCK_S)
-    n_full = _num_blocks(full_lo, full_hi, BLOCK_N)
-    n_lead, n_trail, n_wrap = _query_edge_counts(m0, shift, lo, a, d, hi, wrap_from, n, BLOCK_N)
-    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                  0, n_sink, 0, 0, 0, n_sink, offs_m, n, group_size, shift, num_sink, wrap_from,
-                  qk_scale, sink_dk_base, sink_dv_base, SINK, BLOCK_S, HEAD_DIM, DOT_PRECISION)
-    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                  full_lo, n_full, 0, 0, 0, n_full, offs_m, n, group_size, shift, num_sink,
-                  wrap_from, qk_scale, sink_dk_base, sink_dv_base, FULL, BLOCK_N, HEAD_DIM,
-                  DOT_PRECISION)
-    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                  lo, n_lead, d, n_trail, wrap_from, n_lead + n_trail + n_wrap, offs_m, n,
+    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, n,
                   group_size, shift, num_sink, wrap_from, qk_scale, sink_dk_base, sink_dv_base,
-                  EDGE, BLOCK_N, HEAD_DIM, DOT_PRECISION)
-    tl.store(_rows(DQ + b * stride_dqb + h * stride_dqh, m0, stride_dqn, BLOCK_M, HEAD_DIM),
-             (dq * (qk_scale / LOG2E)).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None])
+                  HEAD_DIM, DOT_PRECISION, PART=SINK, BLOCK_K=BLOCK_S, start1=0,
+                  count1=sink_blocks)
+    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, n,
+                  group_size, shift, num_sink, wrap_from, qk_scale, sink_dk_base, sink_dv_base,
+                  HEAD_DIM, DOT_PRECISION, PART=FULL, BLOCK_K=BLOCK_N, start1=full_from,
+                  count1=full_blocks)
+    dq = _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, n,
+                  group_size, shift, num_sink, wrap_from, qk_scale, sink_dk_base, sink_dv_base,
+                  HEAD_DIM, DOT_PRECISION, PART=EDGE, BLOCK_K=BLOCK_N, start1=lead_from,
+                  count1=lead_blocks, start2=trail_from, count2=trail_blocks, start3=wrap_from,
+                  count3=wrap_blocks)
+    tl.store(row_tile(DQ + b * stride_dqb + h * stride_dqh, m0, stride_dqn, BLOCK_M, HEAD_DIM),
+             (dq * (qk_scale / LOG2E)).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
 def _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-               start1, count1, start2, count2, start3, count, offs_n, n, group_size, shift,
-               wrap_from, qk_scale, PART: tl.constexpr, BLOCK_Q: tl.constexpr,
-               HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               offs_n, n, group_size, shift, wrap_from, qk_scale, HEAD_DIM: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, PART: tl.constexpr, BLOCK_Q: tl.constexpr, start1,
+               count1, start2=0, count2=0, start3=0, count3=0):
     # No sink part here (the dq programs cover the sink keys), so no num_sink.
-    for it in range(0, count):
+    for it in range(0, count1 + count2 + count3):
         start_m = _edge_block(it, start1, count1, start2, count2, start3, BLOCK_Q)
         offs_m = start_m + tl.arange(0, BLOCK_Q)
         q = _load_rows(q_base, start_m, stride_qn, n, PART != FULL, BLOCK_Q, HEAD_DIM)
@@ -335,8 +317,9 @@ def _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, s
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         pt = tl.math.exp2(st - lse[None, :])
         if PART != FULL:
-            mask = _part_mask(PART, offs_m[None, :], offs_n[:, None], group_size, shift, 0,
-                              wrap_from, n, it >= count1 + count2) & (offs_m[None, :] < n)
+            mask = _part_mask(PART, offs_m[None, :], offs_n[:, None], group_size, shift,
+                              num_sink=0, wrap_from=wrap_from, n=n,
+                              wrap_block=it >= count1 + count2) & (offs_m[None, :] < n)
             pt = tl.where(mask, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -382,41 +365,33 @@ def _sf_attn_bwd_dkdv_kernel(
         # last key's group. Query blocks past the last key and inside the first key's group see
         # every key of the block, unmasked. Masked: the leading and trailing query blocks and,
         # in "s2", the first half-group of a shifted head when these keys are wrapped keys.
-        lo = n0 // BLOCK_M * BLOCK_M
-        hi = group_end(n_last, group_size, shift, n)
-        full_lo = tl.cdiv(n_last, BLOCK_M) * BLOCK_M
-        full_hi = group_end(n0, group_size, shift, n) // BLOCK_M * BLOCK_M
-        n_full = _num_blocks(full_lo, full_hi, BLOCK_M)
-        n_lead = _num_blocks(lo, tl.minimum(full_lo, hi), BLOCK_M)
-        trail = tl.maximum(full_hi, full_lo)
-        n_trail = _num_blocks(trail, hi, BLOCK_M)
-        n_wrap = _num_blocks(0, shift, BLOCK_M) * (n_last >= wrap_from)
+        queries_end = group_end(n_last, group_size, shift, n)
+        full_from = tl.cdiv(n_last, BLOCK_M) * BLOCK_M
+        full_to = group_end(n0, group_size, shift, n) // BLOCK_M * BLOCK_M
+        lead_from = n0 // BLOCK_M * BLOCK_M
+        lead_blocks = _num_blocks(lead_from, tl.minimum(full_from, queries_end), BLOCK_M)
+        trail_from = tl.maximum(full_to, full_from)
+        trail_blocks = _num_blocks(trail_from, queries_end, BLOCK_M)
+        wrap_blocks = _num_blocks(0, shift, BLOCK_M) * (n_last >= wrap_from)
         dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_don, full_lo, n_full, 0, 0, 0, n_full, offs_n, n, group_size,
-                            shift, wrap_from, qk_scale, FULL, BLOCK_M, HEAD_DIM, DOT_PRECISION)
+                            stride_don, offs_n, n, group_size, shift, wrap_from, qk_scale,
+                            HEAD_DIM, DOT_PRECISION, PART=FULL, BLOCK_Q=BLOCK_M,
+                            start1=full_from, count1=_num_blocks(full_from, full_to, BLOCK_M))
         dk, dv = _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_don, lo, n_lead, trail, n_trail, 0, n_lead + n_trail + n_wrap,
-                            offs_n, n, group_size, shift, wrap_from, qk_scale, EDGE, BLOCK_M,
-                            HEAD_DIM, DOT_PRECISION)
+                            stride_don, offs_n, n, group_size, shift, wrap_from, qk_scale,
+                            HEAD_DIM, DOT_PRECISION, PART=EDGE, BLOCK_Q=BLOCK_M,
+                            start1=lead_from, count1=lead_blocks, start2=trail_from,
+                            count2=trail_blocks, start3=0, count3=wrap_blocks)
 
     # dk: d s / d k = softmax_scale * q, and qk_scale = softmax_scale * log2(e).
-    tl.store(_rows(DK + b * stride_dkb + g * stride_dkh, n0, stride_dkn, BLOCK_N, HEAD_DIM),
+    tl.store(row_tile(DK + b * stride_dkb + g * stride_dkh, n0, stride_dkn, BLOCK_N, HEAD_DIM),
              (dk * (qk_scale / LOG2E)).to(DK.dtype.element_ty), mask=key_ok)
-    tl.store(_rows(DV + b * stride_dvb + g * stride_dvh, n0, stride_dvn, BLOCK_N, HEAD_DIM),
+    tl.store(row_tile(DV + b * stride_dvb + g * stride_dvh, n0, stride_dvn, BLOCK_N, HEAD_DIM),
              dv.to(DV.dtype.element_ty), mask=key_ok)
 
 
 # ----------------------------------------------------------------------------------------------
 # launchers
-
-
-class Tile(NamedTuple):
-    """Launch shape of one kernel: ``rows`` of the program's own block (queries in the forward
-    and dq passes, keys in the dk/dv pass) and ``cols`` of the blocks its loops walk."""
-    rows: int
-    cols: int
-    warps: int
-    stages: int
 
 
 # Tiles per (16-bit or fp32, head dim up to): forward, dq, dk/dv. fp32 runs 3xTF32 dots
@@ -432,21 +407,25 @@ _TILES = {
 }
 
 
-def _tile_class(head_dim, dtype):
-    return ("fp32" if dtype == torch.float32 else "16bit", max(64, head_dim))
+def compiled_tiles(head_dim, dtype):
+    """``{"fwd": Tile, "dq": Tile, "dkdv": Tile}`` of ``_TILES``: each compiles for sm_90 within
+    the H100's shared memory, and except fp32 at D = 256 without register spills, with Triton 3.6
+    to 3.9 (ptxas, tests/kernels/test_cuda_compile.py); bench/tune_sf.py times candidates."""
+    key = ("fp32" if dtype == torch.float32 else "16bit", max(64, head_dim))
+    return dict(zip(("fwd", "dq", "dkdv"), _TILES[key]))
 
 
 def tiles(head_dim, dtype):
-    """``{"fwd": Tile, "dq": Tile, "dkdv": Tile}`` for a head dim and dtype.
-
-    Every tile compiles for sm_90 within the H100's shared memory and, except fp32 at D = 256,
-    without register spills, with Triton 3.6 to 3.9 (tests/kernels/test_cuda_compile.py checks
-    both with ptxas); ``bench/tune_sf.py`` times candidates on a GPU. The interpreter gets
-    small tiles, which exercise the block-edge logic at test sizes.
-    """
+    """The launchers' default tiles: ``compiled_tiles``, or under the interpreter small tiles,
+    which exercise the block-edge logic at test sizes."""
     if interpreted():
         return dict.fromkeys(("fwd", "dq", "dkdv"), Tile(16, 16, 1, 1))
-    return dict(zip(("fwd", "dq", "dkdv"), _TILES[_tile_class(head_dim, dtype)]))
+    return compiled_tiles(head_dim, dtype)
+
+
+def _default_tiles(head_dim, dtype):
+    # Read per call (bench/tune_sf.py replaces ``tiles``); sf_attn_backward's argument hides it.
+    return tiles(head_dim, dtype)
 
 
 def _sink_block(num_sink):
@@ -467,11 +446,12 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def sf_attn_forward(q, k, v, group_size, num_sink, shift_heads, is_s2, softmax_scale):
-    """Returns ``(o, lse)``: o like q (contiguous), lse ``[B, Hq, N]`` fp32 in base 2."""
+def sf_attn_forward(q, k, v, group_size, num_sink, shift_heads, is_s2, softmax_scale, tile=None):
+    """Returns ``(o, lse)``: o like q (contiguous), lse ``[B, Hq, N]`` fp32 in base 2.
+    ``tile``: the forward kernel's ``Tile``, by default ``tiles(head_dim, dtype)["fwd"]``."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     bsz, num_heads, n, head_dim = q.shape
-    tile = tiles(head_dim, q.dtype)["fwd"]
+    tile = tile or _default_tiles(head_dim, q.dtype)["fwd"]
     o = new_output(q.shape, q.dtype, q.device)
     lse = new_output((bsz, num_heads, n), torch.float32, q.device)
     grid = (cdiv(n, tile.rows), bsz * num_heads)
@@ -486,13 +466,14 @@ def sf_attn_forward(q, k, v, group_size, num_sink, shift_heads, is_s2, softmax_s
 
 
 def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_s2,
-                     softmax_scale):
-    """Returns ``(dq, dk, dv)`` shaped like q, k, v."""
+                     softmax_scale, tiles=None):
+    """Returns ``(dq, dk, dv)`` shaped like q, k, v. ``tiles``: ``{"dq": Tile, "dkdv": Tile}``
+    (other keys are ignored), by default ``tiles(head_dim, dtype)``."""
     do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
     bsz, num_heads, n, head_dim = q.shape
     num_kv_heads = k.shape[1]
     kv_group = num_heads // num_kv_heads
-    launch = tiles(head_dim, q.dtype)
+    launch = tiles or _default_tiles(head_dim, q.dtype)
     qk_scale = softmax_scale * LOG2E.value
     precision = dot_precision(q.dtype)
 

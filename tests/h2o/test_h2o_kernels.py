@@ -85,6 +85,39 @@ def test_prefill_kernels_match_torch(dtype, layout, device):
     assert rel_err(acc, want_acc) <= max(TOL[dtype], TOL[torch.float32])
 
 
+# Views of one ``torch.empty`` storage whose offsets pass element 2**31 (on CPU the OS maps
+# untouched pages lazily: little real memory). name: (n, row stride, query head stride, kv head
+# stride, offsets of q, k, v, out inside a row). "rows": transformers' [B, n, H, D] layout with
+# rows of 2**20 elements, a head's last rows lie past 2**31; "heads": the third query head and
+# the second kv head start past it.
+LARGE_OFFSET_LAYOUTS = {
+    "rows": (2100, 2**20, D, D, (0, HQ * D, (HQ + HKV) * D, (HQ + 2 * HKV) * D)),
+    "heads": (40, 4 * D, 2**30, 2**31, (0, D, 2 * D, 3 * D)),
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="CPU interpreter check of the offset arithmetic (lazy storage)")
+@pytest.mark.parametrize("layout", LARGE_OFFSET_LAYOUTS)
+def test_prefill_offsets_past_2_to_31(layout):
+    """Head and row offsets of the prefill kernels are 64-bit, as SF-Attn's; 32-bit offsets
+    would wrap around and read or write the wrong elements."""
+    n, row, head, kv_head, offsets = LARGE_OFFSET_LAYOUTS[layout]
+    storage = torch.empty(HQ * head + n * row, dtype=torch.float16)
+    q, k, v = (storage.as_strided((1, heads, n, D), (0, head_stride, row, 1), offset)
+               for heads, head_stride, offset in zip((HQ, HKV, HKV), (head, kv_head, kv_head),
+                                                     offsets))
+    out = storage.as_strided((1, n, HQ, D), (0, row, head, 1), offsets[3]).fill_(float("nan"))
+    assert (HQ - 1) * head + (n - 1) * row > 2**31
+    for t in (q, k, v):
+        t.copy_(torch.randn(t.shape, dtype=torch.float16))
+    got, acc = h2o_prefill_fwd(q, k, v, None, SCALE, out=out)
+    want_out, want_acc = prefill_torch(q.double(), k.double(), v.double(), None, SCALE)
+    assert got.data_ptr() == out.data_ptr()
+    assert rel_err(got, want_out) <= TOL[torch.float16]
+    assert rel_err(acc, want_acc) <= TOL[torch.float32]
+
+
 DECODE_CASES = {
     # name: (stored entries, budget, pads per sequence, new_real)
     "evict": (150, 150, (0, 0), None),

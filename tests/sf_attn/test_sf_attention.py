@@ -5,9 +5,11 @@ import torch
 
 from conftest import KERNEL_DTYPES
 from sf_helpers import (CASES, Case, assert_close, check_against_reference, make_inputs,
-                        poison_kernel_outputs, rel_err)
+                        poison_kernel_outputs, reference_and_grads, rel_err)
 from sinklora import sf_attention
+from sinklora.kernels.sf_attn import compiled_tiles, sf_attn_backward, sf_attn_forward
 from sinklora.sf_attn import sf_attention_reference
+from sinklora.sf_attn.params import check_args
 
 # The fallback runs on any floating dtype (it accumulates in at least fp32).
 TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -80,13 +82,22 @@ COMPILED_TILE_CASES = [
 @pytest.mark.parametrize("case", COMPILED_TILE_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_compiled_tile_sizes(case, dtype, device, monkeypatch):
-    from sinklora.kernels import sf_attn as launchers
-
-    # The launchers pick small tiles only when interpreted; make them pick the GPU ones.
-    monkeypatch.setattr(launchers, "interpreted", lambda: False)
+    """The launchers at the tiles they compile with on a GPU, passed explicitly, against the
+    float64 reference: out, and dq, dk, dv for a random upstream gradient."""
     poison_kernel_outputs(monkeypatch)
-    q, k, v = make_inputs(case, dtype, device, requires_grad=True)
-    check_against_reference(q, k, v, "triton", case.kwargs())
+    q, k, v = make_inputs(case, dtype, device)
+    p = check_args(q, k, v, **case.kwargs())
+    pattern = (p.group_size, p.num_sink, p.shift_heads, p.mode == "s2", p.softmax_scale)
+    tiles = compiled_tiles(case.d, dtype)
+    out, lse = sf_attn_forward(q, k, v, *pattern, tile=tiles["fwd"])
+    d_out = torch.randn_like(out)
+    grads = sf_attn_backward(d_out, q, k, v, out, lse, *pattern, tiles=tiles)
+    ref, ref_grads = reference_and_grads(q, k, v, d_out, **case.kwargs())
+    assert out.dtype == dtype and out.device == q.device
+    assert_close(out, ref, dtype, "out")
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert got.dtype == dtype, name
+        assert_close(got, want, dtype, name)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-4), (torch.bfloat16, 4e-3)])
