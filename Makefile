@@ -33,7 +33,8 @@ test-gpu:
 WARM_VENV := build/warm-venv
 warm-gpu-cache:
 	$(PY) -m venv $(WARM_VENV)
-	$(WARM_VENV)/bin/python -c "import torch" 2>/dev/null || $(WARM_VENV)/bin/python -m pip install "torch==2.13.*"
+	$(WARM_VENV)/bin/python -c "import torch" 2>/dev/null \
+		|| $(WARM_VENV)/bin/python -m pip install "torch==2.13.*"
 	$(WARM_VENV)/bin/python -m pip install -q "triton==3.6.0" -e ".[test]"
 	$(WARM_VENV)/bin/python -m bench.warm_triton_cache
 

@@ -140,7 +140,8 @@ def env_part(out):
         info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     except (OSError, subprocess.TimeoutExpired) as exc:
         info["nvidia_smi"] = f"not available ({type(exc).__name__})"
-    info.update(triton_cache(Path(os.environ.get("TRITON_CACHE_DIR", REPO / "build" / "triton-cache"))))
+    cache_dir = os.environ.get("TRITON_CACHE_DIR", REPO / "build" / "triton-cache")
+    info.update(triton_cache(Path(cache_dir)))
     info["cuda"] = torch.cuda.is_available()
     if info["cuda"]:
         import triton.testing

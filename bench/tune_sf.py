@@ -97,7 +97,7 @@ def main(argv=None):
     shape = Shape(1, args.hq, args.hkv, args.N, args.head_dim, args.N // 4, 4, dtype)
     n, d, g, s = shape.N, shape.D, shape.G, shape.S
     shift_heads, scale = shape.Hq // 2, d ** -0.5
-    default_tiles = launchers.tiles
+    default = launchers.tiles(d, dtype)
     candidates = {}  # provider name -> (kernel, tile)
     for kernel in args.kernels:
         for tile in (CANDIDATES[kernel][:1] if args.smoke
@@ -112,16 +112,18 @@ def main(argv=None):
         v = torch.randn(1, shape.Hkv, n, d, device=device, dtype=dtype)
         do = torch.randn_like(q)
 
-        def forward():
-            return launchers.sf_attn_forward(q, k, v, g, s, shift_heads, False, scale)
+        def forward(tiles=default):
+            return launchers.sf_attn_forward(q, k, v, g, s, shift_heads, False, scale,
+                                             tile=tiles["fwd"])
 
         o, lse = forward()
 
-        def backward():
+        def backward(tiles=default):
             return launchers.sf_attn_backward(do, q, k, v, o, lse, g, s, shift_heads, False,
-                                              scale)
+                                              scale, tiles=tiles)
 
-        passes = {"fwd": lambda: forward()[:1], "bwd": lambda: (o, *backward())}
+        passes = {"fwd": lambda tiles: forward(tiles)[:1],
+                  "bwd": lambda tiles: (o, *backward(tiles))}
         return passes, {"fwd": (o,), "bwd": (o, *backward())}
 
     def bench(name, inputs, base_row):
@@ -129,16 +131,18 @@ def main(argv=None):
         kernel, candidate = candidates[name]
         pass_name = "fwd" if kernel == "fwd" else "bwd"
         row = dict(base_row, provider=name, **{"pass": pass_name})
-        launchers.tiles = lambda head_dim, dt: {**default_tiles(head_dim, dt), kernel: candidate}
+        chosen = {**default, kernel: candidate}  # the other kernels keep today's tiles
+
+        def run():
+            return passes[pass_name](chosen)
+
         try:
-            common.gate(name, passes[pass_name](), reference[pass_name], dtype)
-            row.update(common.quantile_columns(common.time_ms(passes[pass_name], device)),
+            common.gate(name, run(), reference[pass_name], dtype)
+            row.update(common.quantile_columns(common.time_ms(run, device)),
                        timestamp=common.timestamp(), note=_compiled_usage(launchers, kernel)
-                       + (" (default)" if candidate == default_tiles(d, dtype)[kernel] else ""))
+                       + (" (default)" if candidate == default[kernel] else ""))
         except Exception as exc:  # noqa: BLE001  a tile that fails is a row, not a stop
             row = common.failed(row, name, exc)
-        finally:
-            launchers.tiles = default_tiles
         return [row]
 
     rows = common.run("sf_attn_tile", device, args.results_dir / "tune_sf.csv", env,
@@ -149,7 +153,7 @@ def main(argv=None):
         timings = {candidates[r["provider"]][1]: r["ms_p50"] for r in rows
                    if not r.get("error") and candidates[r["provider"]][0] == kernel}
         if timings:
-            best[kernel] = (min(timings, key=timings.get), timings, default_tiles(d, dtype)[kernel])
+            best[kernel] = (min(timings, key=timings.get), timings, default[kernel])
 
     print("\nfastest tile per kernel (ms p50 of its pass):")
     for kernel, (winner, timings, default) in best.items():

@@ -154,18 +154,15 @@ def tune():
     q = torch.randn(1, hq, n, d, dtype=torch.bfloat16)
     k, v = (torch.randn(1, hkv, n, d, dtype=torch.bfloat16) for _ in range(2))
     do = torch.randn_like(q)
-    default_tiles = launchers.tiles
-    try:
-        for kernel, candidates in tune_sf.QUICK.items():
-            for candidate in map(launchers.Tile._make, candidates):
-                launchers.tiles = lambda head_dim, dt, kernel=kernel, candidate=candidate: {
-                    **default_tiles(head_dim, dt), kernel: candidate}
-                o, lse = launchers.sf_attn_forward(q, k, v, g, s, hq // 2, False, d ** -0.5)
-                if kernel != "fwd":
-                    launchers.sf_attn_backward(do, q, k, v, o, lse, g, s, hq // 2, False,
-                                               d ** -0.5)
-    finally:
-        launchers.tiles = default_tiles
+    default = launchers.tiles(d, torch.bfloat16)
+    for kernel, candidates in tune_sf.QUICK.items():
+        for candidate in map(launchers.Tile._make, candidates):
+            chosen = {**default, kernel: candidate}
+            o, lse = launchers.sf_attn_forward(q, k, v, g, s, hq // 2, False, d ** -0.5,
+                                               tile=chosen["fwd"])
+            if kernel != "fwd":
+                launchers.sf_attn_backward(do, q, k, v, o, lse, g, s, hq // 2, False, d ** -0.5,
+                                           tiles=chosen)
 
 
 def check():

@@ -1,10 +1,8 @@
 """sinklora: Triton kernels for SinkLoRA (SF-Attn training attention, H2O KV-cache decoding).
 
-``sf_attention``, ``h2o_prefill`` / ``h2o_decode`` and ``sinklora.kernels`` need only torch and
-triton. The Hugging Face names (``replace_llama_attn``, ``restore_llama_attn``, ``H2OCache``,
-``lora_config``, ``extend_context``) live in ``sinklora.hf``; when transformers and peft are
-installed, ``import sinklora`` imports it, which registers the ``"sinklora"`` attention.
-"""
+The kernels and the functional ops need only torch and triton; ``HF_NAMES`` live in
+``sinklora.hf``, imported (registering the ``"sinklora"`` attention) when transformers and peft
+are installed."""
 from .h2o import H2OState, h2o_decode, h2o_prefill
 from .sf_attn import sf_attention
 

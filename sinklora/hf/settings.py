@@ -25,9 +25,7 @@ def sf_settings(group_size_ratio=0.25, group_size=None, num_sink=4, mode="sf", s
     num_sink = check_num_sink(num_sink)
     check_mode(mode)
     if shift_heads is not None:
-        shift_heads = check_int("shift_heads", shift_heads)
-        if shift_heads < 0:
-            raise ValueError(f"shift_heads must be >= 0 or None, got {shift_heads}")
+        shift_heads = check_int("shift_heads", shift_heads, minimum=0)
     return {"group_size_ratio": group_size_ratio, "group_size": group_size,
             "num_sink": num_sink, "mode": mode, "shift_heads": shift_heads}
 

@@ -85,4 +85,5 @@ def _unjit(jit_fns):
 
 
 # The same pattern for Python ints and torch tensors: ``plain.visible(i, j, ...)``.
-plain = _unjit([head_shift, wrap_start, group_start, group_end, in_group, in_sink, in_wrap, visible])
+plain = _unjit([head_shift, wrap_start, group_start, group_end, in_group, in_sink, in_wrap,
+                visible])

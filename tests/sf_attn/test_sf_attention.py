@@ -100,6 +100,42 @@ def test_compiled_tile_sizes(case, dtype, device, monkeypatch):
         assert_close(got, want, dtype, name)
 
 
+def test_launchers_run_the_tiles_they_are_given(monkeypatch):
+    """Each kernel is launched with the rows, cols, warps and stages of the tile passed in (a
+    launcher falling back to its default tiles would pass every value test)."""
+    from sinklora.kernels import sf_attn as launchers
+
+    launched = {}
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched[self.name] = (grid[0], kwargs)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_sf_attn_fwd_kernel", "_sf_attn_bwd_dq_kernel", "_sf_attn_bwd_dkdv_kernel"):
+        monkeypatch.setattr(launchers, name, Recorder(name, getattr(launchers, name)))
+    case = Case(1, 2, 1, 96, 16, 32, 4, None, "sf")
+    q, k, v = make_inputs(case, torch.float32, "cpu")
+    p = check_args(q, k, v, **case.kwargs())
+    pattern = (p.group_size, p.num_sink, p.shift_heads, False, p.softmax_scale)
+    chosen = {"fwd": launchers.Tile(32, 16, 2, 1), "dq": launchers.Tile(16, 32, 1, 2),
+              "dkdv": launchers.Tile(32, 32, 2, 2)}
+    out, lse = sf_attn_forward(q, k, v, *pattern, tile=chosen["fwd"])
+    sf_attn_backward(torch.randn_like(out), q, k, v, out, lse, *pattern, tiles=chosen)
+    for name, kernel, own, walked in (("_sf_attn_fwd_kernel", "fwd", "BLOCK_M", "BLOCK_N"),
+                                      ("_sf_attn_bwd_dq_kernel", "dq", "BLOCK_M", "BLOCK_N"),
+                                      ("_sf_attn_bwd_dkdv_kernel", "dkdv", "BLOCK_N", "BLOCK_M")):
+        blocks, kwargs = launched[name]
+        tile = chosen[kernel]
+        assert blocks == -(-case.n // tile.rows), name
+        assert (kwargs[own], kwargs[walked], kwargs["num_warps"], kwargs["num_stages"]) == tile
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-4), (torch.bfloat16, 4e-3)])
 def test_fallback_accumulates_in_float32(dtype, tol):
     """The general 16-bit tolerances leave room for a fallback that sums in the input dtype (its
