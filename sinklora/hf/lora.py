@@ -66,30 +66,36 @@ def _module_names(name, names):
 
 
 def extend_context(model_or_config, max_length):
-    """Linear RoPE scaling (position interpolation) so the model covers ``max_length`` tokens.
+    """RoPE scaling so the model covers ``max_length`` tokens, per RoPE type:
 
-    Sets ``rope_parameters`` (transformers 5.x; ``rope_scaling`` is its legacy alias) to
-    ``{"rope_type": "linear", "factor": ceil(max_length / max_position_embeddings)}``, keeping
-    ``rope_theta``, and leaves ``max_position_embeddings`` at the pretraining context. That is
-    LongLoRA's convention (its scripts set only the factor), which vLLM also reads: a
-    linear-RoPE config covers ``max_position_embeddings * factor`` tokens. A model that
-    already covers ``max_length`` keeps its factor (its weights were tuned for it), so calling
-    this again never compounds nor undoes an extension. Given a model, its rotary embedding
-    modules are rebuilt from the new config, since they computed their frequencies when
-    created.
+    - ``default`` (Llama 2, Llama 3.0) and ``linear``: linear position interpolation, LongLoRA's
+      convention (its scripts set only the factor), which vLLM also reads: ``rope_parameters``
+      (``rope_scaling`` is its legacy alias) becomes ``{"rope_type": "linear", "factor":
+      ceil(max_length / max_position_embeddings)}``, ``rope_theta`` kept, and
+      ``max_position_embeddings`` stays the pretraining context: such a config covers
+      ``max_position_embeddings * factor`` tokens. A linear-RoPE checkpoint whose
+      ``max_position_embeddings`` already counts the factor (32768 with factor 8 for a 4k base)
+      is read as a 32k base: set it to the base's context first.
+    - ``llama3`` (Llama 3.1+): the config covers ``max_position_embeddings`` (131072 for Llama
+      3.1, factor 8 over ``original_max_position_embeddings`` 8192). To cover ``m`` times that,
+      ``m = ceil(max_length / max_position_embeddings)``, the ``factor`` and
+      ``max_position_embeddings`` are multiplied by ``m``: the long wavelengths are interpolated
+      ``m`` times more, the short ones stay as trained, the smooth band between them follows;
+      ``low_freq_factor``, ``high_freq_factor`` and ``original_max_position_embeddings`` stay.
+    - other types (``yarn``, ``dynamic``, ``longrope``, ...) raise ``ValueError``.
 
-    A linear-RoPE checkpoint whose ``max_position_embeddings`` already counts the factor
-    (some do: ``max_position_embeddings`` 32768 with factor 8 for a 4k base) is read as a 32k
-    base; set its ``max_position_embeddings`` to the base's context before calling this.
+    A model that already covers ``max_length`` keeps its scaling (its weights were tuned for
+    it), so calling this again never compounds nor undoes an extension. Given a model, its
+    rotary embedding modules are rebuilt from the new config, since they computed their
+    frequencies when created.
 
     Args:
-        model_or_config: a transformers model (or peft model) or its config, with default or
-            linear RoPE (other RoPE types, such as Llama 3's, raise ``ValueError``).
+        model_or_config: a transformers model (or peft model) or its config.
         max_length: the training / inference context to reach, int >= 1.
 
     Returns:
-        the scaling factor now in effect: the new int factor, or the model's own (1 for
-        default RoPE) when it already covers ``max_length``.
+        the scaling factor now in effect: the new one (an int for linear interpolation), or
+        the model's own (1 for default RoPE) when it already covers ``max_length``.
     """
     max_length = check_int("max_length", max_length, minimum=1)
     model = None if isinstance(model_or_config, PreTrainedConfig) else model_or_config
@@ -100,22 +106,26 @@ def extend_context(model_or_config, max_length):
     rope = getattr(config, "rope_parameters", None)
     if not isinstance(rope, dict) or "rope_type" not in rope:
         raise ValueError(f"model_or_config has no single RoPE setting (rope_parameters={rope!r})")
-    if rope["rope_type"] == "default":
-        old_factor = 1
-    elif rope["rope_type"] == "linear":
-        old_factor = rope.get("factor")
-        if (isinstance(old_factor, bool) or not isinstance(old_factor, (int, float))
-                or not (math.isfinite(old_factor) and old_factor >= 1)):
-            raise ValueError(f"model_or_config has linear RoPE without a scaling 'factor' >= 1 "
-                             f"in rope_parameters={rope!r}, so the context it covers is unknown")
+    kind = rope["rope_type"]
+    if kind not in ("default", "linear", "llama3"):
+        raise ValueError(f"extend_context supports default, linear and llama3 RoPE, this "
+                         f"model_or_config uses rope_type={kind!r}")
+    old_factor = 1 if kind == "default" else rope.get("factor")
+    if (isinstance(old_factor, bool) or not isinstance(old_factor, (int, float))
+            or not (math.isfinite(old_factor) and old_factor >= 1)):
+        raise ValueError(f"model_or_config has {kind} RoPE without a scaling 'factor' >= 1 in "
+                         f"rope_parameters={rope!r}, so the context it covers is unknown")
+    times = math.ceil(max_length / config.max_position_embeddings)
+    if kind == "llama3":
+        if times <= 1:
+            return old_factor
+        factor = old_factor * times
+        config.max_position_embeddings *= times
     else:
-        raise ValueError(f"extend_context supports default or linear RoPE, this model_or_config "
-                         f"uses rope_type={rope['rope_type']!r}")
-    factor = math.ceil(max_length / config.max_position_embeddings)
-    if factor <= old_factor:
-        return old_factor
-    other = {k: v for k, v in rope.items() if k not in ("rope_type", "factor")}
-    config.rope_parameters = {"rope_type": "linear", "factor": float(factor), **other}
+        if times <= old_factor:
+            return old_factor
+        factor, kind = times, "linear"
+    config.rope_parameters = {**rope, "rope_type": kind, "factor": float(factor)}
     if model is not None:
         _rebuild_rotary_embeddings(model)
     return factor

@@ -1,12 +1,12 @@
 """LongLoRA's recipe: lora_config() with peft, gradient checkpointing through SF-Attn, and
-extend_context()'s linear position interpolation."""
+extend_context()'s RoPE scaling (linear interpolation, Llama 3's llama3)."""
 import math
 
 import peft
 import pytest
 import torch
 from hf_helpers import build, rel_err
-from transformers import LlamaConfig
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import sinklora
 from sinklora.train import enable_checkpointing
@@ -154,11 +154,6 @@ def test_extend_context_bad_arguments():
         sinklora.extend_context(LlamaConfig(), 4096.0)
     with pytest.raises(TypeError, match="model_or_config"):
         sinklora.extend_context({"max_position_embeddings": 2048}, 4096)
-    llama3 = LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192})
-    with pytest.raises(ValueError, match="rope_type"):
-        sinklora.extend_context(llama3, 65536)
     no_factor = LlamaConfig(max_position_embeddings=1024)
     no_factor.rope_parameters = {"rope_type": "linear", "rope_theta": 1e4}
     with pytest.raises(ValueError, match="model_or_config .*'factor' >= 1"):
@@ -166,3 +161,84 @@ def test_extend_context_bad_arguments():
     no_factor.rope_parameters = {"rope_type": "linear", "factor": 0.5, "rope_theta": 1e4}
     with pytest.raises(ValueError, match="model_or_config .*'factor' >= 1"):
         sinklora.extend_context(no_factor, 4096)
+
+
+def _inv_freq(theta, head_dim):
+    """Default RoPE frequencies, float64."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+
+def _llama3_inv_freq(theta, head_dim, factor, low, high, original):
+    """Llama 3.1's scaled frequencies by its definition, float64: wavelengths longer than
+    ``original / low`` are divided by ``factor``, shorter than ``original / high`` kept, and the
+    band between interpolates linearly in ``original / wavelength``."""
+    freq = _inv_freq(theta, head_dim)
+    wavelen = 2 * math.pi / freq
+    smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)
+    return (1 - smooth) * freq / factor + smooth * freq
+
+
+def _rotary_inv_freq(model):
+    return model.model.rotary_emb.inv_freq.double()
+
+
+def test_extend_context_llama3_scaling():
+    """A Llama 3.1-style config (llama3 RoPE, factor 8 over 128 original positions, covering
+    1024): extending to 3000 multiplies factor and covered context by 3, the frequencies equal
+    the definition's, and the extended config saves and loads."""
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+    config = LlamaConfig(hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                         max_position_embeddings=1024, rope_parameters=dict(llama3))
+    model = LlamaForCausalLM(config)
+    head_dim = 64
+    before = _llama3_inv_freq(500000.0, head_dim, 8.0, 1.0, 4.0, 128)
+    assert torch.allclose(_rotary_inv_freq(model), before, rtol=1e-6, atol=0)
+    assert sinklora.extend_context(model, 1024) == 8.0  # covered already: unchanged
+    assert model.config.rope_parameters == llama3
+
+    assert sinklora.extend_context(model, 3000) == 24.0
+    assert model.config.rope_parameters == dict(llama3, factor=24.0)
+    assert model.config.max_position_embeddings == 3072
+    after = _llama3_inv_freq(500000.0, head_dim, 24.0, 1.0, 4.0, 128)
+    assert torch.allclose(_rotary_inv_freq(model), after, rtol=1e-6, atol=0)
+    # The short wavelengths are as trained, the longest interpolated 3x more.
+    assert after[0] == before[0] and torch.allclose(after[-1], before[-1] / 3)
+    assert sinklora.extend_context(model, 3000) == 24.0  # again: no compounding
+
+
+def test_extend_context_llama3_config_saves(tmp_path):
+    config = LlamaConfig(max_position_embeddings=1024, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+    sinklora.extend_context(config, 4096)
+    config.save_pretrained(tmp_path)
+    loaded = LlamaConfig.from_pretrained(tmp_path)
+    assert loaded.rope_parameters == config.rope_parameters
+    assert loaded.rope_parameters["factor"] == 32.0 and loaded.max_position_embeddings == 4096
+
+
+def test_extend_context_llama3_0_default_rope():
+    """Llama 3.0: default RoPE with theta 500000 over 8192 positions (here 256): linear
+    interpolation, theta kept, frequencies the default ones over the factor."""
+    config = LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, vocab_size=64, max_position_embeddings=256,
+                         rope_theta=500000.0)
+    model = LlamaForCausalLM(config)
+    assert sinklora.extend_context(model, 1000) == 4
+    assert model.config.rope_parameters == {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 500000.0}
+    assert torch.allclose(_rotary_inv_freq(model), _inv_freq(500000.0, 32) / 4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+     "original_max_position_embeddings": 256},
+    {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
+])
+def test_extend_context_refuses_other_rope_types(rope):
+    config = LlamaConfig(max_position_embeddings=1024, rope_parameters=rope)
+    with pytest.raises(ValueError, match=f"rope_type='{rope['rope_type']}'"):
+        sinklora.extend_context(config, 4096)
+    assert config.rope_parameters == rope
