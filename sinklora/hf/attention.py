@@ -36,8 +36,8 @@ def sinklora_attention_forward(module, query, key, value, attention_mask, scalin
     q_len, kv_len = query.shape[2], key.shape[2]
     try:
         # An H2OCache hands over only the new keys; the window applies to every key seen.
-        _check_call(attention_mask, kwargs.get("sliding_window"),
-                    kv_len if layer is None else layer.seen)
+        _check_call(module, query, kv_len, attention_mask, kwargs.get("softcap"),
+                    kwargs.get("sliding_window"), kv_len if layer is None else layer.seen)
     except ValueError:
         if layer is not None:
             layer.cancel()
@@ -75,11 +75,24 @@ def sinklora_attention_forward(module, query, key, value, attention_mask, scalin
                                   dropout=dropout, scaling=scaling, **kwargs)
 
 
-def _check_call(attention_mask, sliding_window, keys):
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(f"sinklora attention takes the 2-D padding mask [B, kv_len], got an "
-                         f"attention_mask of shape {tuple(attention_mask.shape)}; pass a 2-D "
-                         "attention_mask (and position_ids for packed documents)")
+def _check_call(module, query, kv_len, attention_mask, softcap, sliding_window, keys):
+    """What the sinklora attention cannot compute is refused, never approximated."""
+    if getattr(module, "is_causal", True) is False:
+        raise ValueError(f"sinklora attention is causal; {type(module).__name__} is not "
+                         "(is_causal=False): use it with decoder-only models")
+    if softcap is not None:
+        raise ValueError(f"sinklora attention has no logit soft-capping: this layer has "
+                         f"softcap={softcap} (e.g. Gemma 2's attn_logit_softcapping); use a "
+                         "model without it")
+    if attention_mask is not None:
+        q_len = query.shape[2]
+        # Shorter than the keys only for a static cache's unfilled slots, never than the queries.
+        if (attention_mask.dim() != 2 or attention_mask.shape[0] != query.shape[0]
+                or not q_len <= attention_mask.shape[1] <= kv_len):
+            raise ValueError(f"sinklora attention takes the 2-D padding mask [B, kv_len] = "
+                             f"[{query.shape[0]}, {kv_len}], got an attention_mask of shape "
+                             f"{tuple(attention_mask.shape)}; pass attention_mask [B, N] for "
+                             "input_ids [B, N] (and position_ids for packed documents)")
     if sliding_window is not None and keys > sliding_window:
         raise ValueError(f"sinklora attention has no sliding window: this layer has "
                          f"sliding_window={sliding_window} < {keys} keys; use a model without one")
@@ -126,7 +139,21 @@ def reference_attention_forward(module, query, key, value, attention_mask, scali
     return out.to(query.dtype).transpose(1, 2), None
 
 
+def padding_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):
+    """The mask function: transformers' 2-D padding mask, sliced to the last ``kv_length``
+    positions as for flash attention, after checking that it is ``[B, kv_len]`` (transformers
+    would index a mis-shaped one without a word)."""
+    if attention_mask is not None and (attention_mask.dim() != 2
+                                       or attention_mask.shape[0] != batch_size
+                                       or attention_mask.shape[1] < q_length):
+        raise ValueError(f"attention_mask must be 2-D [batch, tokens seen] = [{batch_size}, "
+                         f">= {q_length}] for sinklora attention, got shape "
+                         f"{tuple(attention_mask.shape)}")
+    return flash_attention_mask(batch_size, q_length, kv_length, *args,
+                                attention_mask=attention_mask, **kwargs)
+
+
 AttentionInterface.register(ATTN_NAME, sinklora_attention_forward)
-AttentionMaskInterface.register(ATTN_NAME, flash_attention_mask)
+AttentionMaskInterface.register(ATTN_NAME, padding_mask)
 AttentionInterface.register(REFERENCE_ATTN_NAME, reference_attention_forward)
-AttentionMaskInterface.register(REFERENCE_ATTN_NAME, flash_attention_mask)
+AttentionMaskInterface.register(REFERENCE_ATTN_NAME, padding_mask)

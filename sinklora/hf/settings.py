@@ -97,6 +97,11 @@ def replace_llama_attn(model=None, *, group_size_ratio=0.25, group_size=None, nu
     if not isinstance(base, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel (or a peft model), "
                         f"got {type(model).__name__}")
+    not_causal = sorted({type(m).__name__ for m in base.modules()
+                         if getattr(m, "is_causal", None) is False})
+    if not_causal:
+        raise ValueError(f"model's attention is not causal ({', '.join(not_causal)} has "
+                         "is_causal=False); SF-Attn and H2O are causal: use a decoder-only model")
     heads = getattr(base.config, "num_attention_heads", None)
     if shift_heads is not None and heads is not None and shift_heads > heads:
         raise ValueError(f"shift_heads must be in [0, {heads}] (the model's query heads), "

@@ -1,5 +1,7 @@
 """replace_llama_attn(): SF-Attn in training equals the spec's dense-mask attention (logits and
 gradients), evaluation equals plain SDPA, and bad arguments raise."""
+import re
+
 import peft
 import pytest
 import torch
@@ -207,3 +209,45 @@ def test_unsupported_layers_raise():
     with pytest.raises(ValueError, match="2-D"):
         model(input_ids=torch.randint(0, 256, (1, 8)), use_cache=False,
               attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(2, 18), (1, 20), (3, 20), (20,)],
+                         ids=["shorter", "batch-1", "batch+1", "1-D"])
+def test_mis_shaped_attention_mask_raises(shape, training):
+    """Only [B, tokens seen] (or longer: transformers keeps its last columns) is a padding mask
+    for input_ids [B, N]; any other shape is refused, never read as something else."""
+    model = build("llama", "sinklora", group_size=4).train(training)
+    input_ids = torch.randint(0, 256, (2, 20))
+    mask = torch.ones(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"attention_mask .*\[2, >= 20\].*" + re.escape(str(shape))):
+        model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    longer = torch.ones(2, 25, dtype=torch.long)
+    ref = model(input_ids=input_ids, use_cache=False).logits
+    assert torch.equal(model(input_ids=input_ids, attention_mask=longer, use_cache=False).logits,
+                       ref)
+
+
+def test_non_causal_models_are_refused():
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, vocab_size=64))
+    with pytest.raises(ValueError, match="not causal.*BertSelfAttention"):
+        sinklora.replace_llama_attn(bert)
+    assert bert.config._attn_implementation != "sinklora"
+    bert.set_attn_implementation("sinklora")  # switched by hand: refused at the call
+    with pytest.raises(ValueError, match="is_causal=False"):
+        bert.train()(input_ids=torch.randint(0, 64, (1, 12)))
+
+
+def test_logit_softcapping_is_refused():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          vocab_size=256, attn_logit_softcapping=5.0, sliding_window=4096)
+    model = sinklora.replace_llama_attn(Gemma2ForCausalLM(config), group_size=4)
+    for training in (True, False):
+        with pytest.raises(ValueError, match="softcap=5.0"):
+            model.train(training)(input_ids=torch.randint(0, 256, (1, 12)), use_cache=False)
