@@ -92,6 +92,16 @@ class H2OLayer(CacheLayerMixin):
             raise RuntimeError("H2OCache is for inference: run the model under torch.no_grad() "
                                "(model.generate() does)")
         key, value = self.pending
+        if self.state is not None:
+            held = self.state.key_buffer
+            want = (held.shape[0], held.shape[1], held.shape[3], held.dtype)
+            got = (key.shape[0], key.shape[1], key.shape[3], key.dtype)
+            if got != want:
+                self.cancel()
+                raise ValueError(f"H2OCache layer {self.layer_idx} holds [B, Hkv, D] = "
+                                 f"{list(want[:3])} {want[3]} entries; this forward hands it "
+                                 f"{list(got[:3])} {got[3]}: an H2OCache serves one batch of one "
+                                 "model, use a new one (or cache.reset())")
         self.pending = None
         batch, num_heads, q_len, head_dim = query.shape
         if scaling is None:

@@ -267,3 +267,24 @@ def test_a_forward_with_gradients_leaves_the_cache_as_it_was(device):
         fresh = model(ids, **{CACHE_ARG: other}).logits
     assert torch.equal(logits, fresh)
     assert cache.get_seq_length() == 7
+
+
+@pytest.mark.parametrize("batch, hidden", [(1, 64), (3, 64), (2, 128)],
+                         ids=["batch-1", "batch-3", "head-dim-32"])
+def test_a_cache_reused_with_another_batch_or_model_names_the_mismatch(batch, hidden, device):
+    """One H2OCache serves one batch of one model: another batch size, or a model with another
+    head dim, is refused with the layer and both shapes named, and the cache is left as it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = tiny_model().to(device)
+    cache = H2OCache(heavy_budget=4, recent_budget=2, backend="torch")
+    other = LlamaForCausalLM(LlamaConfig(
+        hidden_size=hidden, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, attn_implementation="sinklora")).to(device).eval()
+    with torch.no_grad():
+        model(prompts([6, 6], device)[0], **{CACHE_ARG: cache})
+        with pytest.raises(ValueError, match=rf"layer 0 holds \[B, Hkv, D\] = \[2, 2, 16\] "
+                                             rf".*\[{batch}, 2, {hidden // 4}\].*new one"):
+            other(torch.randint(1, 256, (batch, 1), device=device), **{CACHE_ARG: cache})
+    assert cache.get_seq_length() == 6
+    assert all(layer.pending is None for layer in cache.layers)
