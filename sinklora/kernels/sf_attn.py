@@ -229,7 +229,9 @@ def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m
                               wrap_from, n, wrap_block=it >= count1 + count2)
             p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        # d s / d(q k^T) = softmax_scale, folded in before the cast to the operands' dtype:
+        # ds alone may pass fp16's range where the gradients fit it.
+        ds = p * (dp - delta[:, None]) * (qk_scale / LOG2E)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if PART == SINK:
             # This query block's share of the sink keys' dk/dv; reduced over blocks on the host.
@@ -293,7 +295,7 @@ def _sf_attn_bwd_dq_kernel(
                   count1=lead_blocks, start2=trail_from, count2=trail_blocks, start3=wrap_from,
                   count3=wrap_blocks)
     tl.store(row_tile(DQ + b * stride_dqb + h * stride_dqh, m0, stride_dqn, BLOCK_M, HEAD_DIM),
-             (dq * (qk_scale / LOG2E)).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -323,7 +325,7 @@ def _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, s
             pt = tl.where(mask, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
+        dst = pt * (dpt - delta[None, :]) * (qk_scale / LOG2E)  # scaled before the cast, as dq
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -383,9 +385,8 @@ def _sf_attn_bwd_dkdv_kernel(
                             start1=lead_from, count1=lead_blocks, start2=trail_from,
                             count2=trail_blocks, start3=0, count3=wrap_blocks)
 
-    # dk: d s / d k = softmax_scale * q, and qk_scale = softmax_scale * log2(e).
     tl.store(row_tile(DK + b * stride_dkb + g * stride_dkh, n0, stride_dkn, BLOCK_N, HEAD_DIM),
-             (dk * (qk_scale / LOG2E)).to(DK.dtype.element_ty), mask=key_ok)
+             dk.to(DK.dtype.element_ty), mask=key_ok)
     tl.store(row_tile(DV + b * stride_dvb + g * stride_dvh, n0, stride_dvn, BLOCK_N, HEAD_DIM),
              dv.to(DV.dtype.element_ty), mask=key_ok)
 
@@ -515,6 +516,6 @@ def sf_attn_backward(do, q, k, v, o, lse, group_size, num_sink, shift_heads, is_
         rows = min(num_sink, n)
         sink_dk = sink_dk.view(bsz, num_kv_heads, -1, num_sink, head_dim).sum(2)[:, :, :rows]
         sink_dv = sink_dv.view(bsz, num_kv_heads, -1, num_sink, head_dim).sum(2)[:, :, :rows]
-        dk[:, :, :rows] = (dk[:, :, :rows].float() + softmax_scale * sink_dk).to(dk.dtype)
+        dk[:, :, :rows] = (dk[:, :, :rows].float() + sink_dk).to(dk.dtype)
         dv[:, :, :rows] = (dv[:, :, :rows].float() + sink_dv).to(dv.dtype)
     return dq, dk, dv
