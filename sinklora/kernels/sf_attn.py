@@ -96,11 +96,12 @@ def _query_plan(m0, bh, n, num_heads, kv_group, shift_heads, group_size, num_sin
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """What a forward or dq program (query block ``[m0, m0 + BLOCK_M)``, program ``bh``) walks:
     batch ``b``, query head ``h``, kv head ``g`` (64-bit, for offsets), the head's ``shift`` and
-    ``wrap_from``, then the key blocks of each part as (first key, blocks): ``sink_blocks`` of
-    ``BLOCK_S`` keys from 0, up to the last row's group start; unmasked, ``full_blocks`` from
-    ``full_from``, inside every row's group and below the diagonal; masked, the group's leading
-    ``lead_blocks`` from ``lead_from`` and trailing ``trail_blocks`` from ``trail_from`` (the
-    diagonal), and the ``"s2"`` wrap, ``wrap_blocks`` from ``wrap_from``."""
+    ``wrap_from``, its rows ``offs_m`` and which are real (``row_ok``), then the key blocks of
+    each part as (first key, blocks): ``sink_blocks`` of ``BLOCK_S`` keys from 0, up to the last
+    row's group start; unmasked, ``full_blocks`` from ``full_from``, inside every row's group and
+    below the diagonal; masked, the group's leading ``lead_blocks`` from ``lead_from`` and
+    trailing ``trail_blocks`` from ``trail_from`` (the diagonal), and the ``"s2"`` wrap,
+    ``wrap_blocks`` from ``wrap_from``."""
     h = bh % num_heads
     shift = head_shift(h, num_heads, shift_heads, group_size)
     b = (bh // num_heads).to(tl.int64)
@@ -112,7 +113,8 @@ def _query_plan(m0, bh, n, num_heads, kv_group, shift_heads, group_size, num_sin
     full_from = tl.cdiv(last_group_start, BLOCK_N) * BLOCK_N
     full_to = (m0 + 1) // BLOCK_N * BLOCK_N
     trail_from = tl.maximum(full_to, full_from)
-    return (b, h.to(tl.int64), g, shift, wrap_from,
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    return (b, h.to(tl.int64), g, shift, wrap_from, offs_m, offs_m < n,
             _num_blocks(0, tl.minimum(num_sink, last_group_start), BLOCK_S),
             full_from, _num_blocks(full_from, full_to, BLOCK_N),
             lead_from, _num_blocks(lead_from, tl.minimum(full_from, rows_end), BLOCK_N),
@@ -156,12 +158,10 @@ def _sf_attn_fwd_kernel(
 ):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    (b, h, g, shift, wrap_from, sink_blocks, full_from, full_blocks, lead_from, lead_blocks,
-     trail_from, trail_blocks, wrap_blocks) = _query_plan(
+    (b, h, g, shift, wrap_from, offs_m, row_ok, sink_blocks, full_from, full_blocks, lead_from,
+     lead_blocks, trail_from, trail_blocks, wrap_blocks) = _query_plan(
         m0, bh, n, num_heads, kv_group, shift_heads, group_size, num_sink, is_s2, BLOCK_M,
         BLOCK_N, BLOCK_S)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n
     q = _load_rows(Q + b * stride_qb + h * stride_qh, m0, stride_qn, n, True, BLOCK_M, HEAD_DIM)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
@@ -261,13 +261,10 @@ def _sf_attn_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     m0 = pid_m * BLOCK_M
     bh = tl.program_id(1)
-    (b, h, g, shift, wrap_from, sink_blocks, full_from, full_blocks, lead_from, lead_blocks,
-     trail_from, trail_blocks, wrap_blocks) = _query_plan(
+    (b, h, g, shift, wrap_from, offs_m, row_ok, sink_blocks, full_from, full_blocks, lead_from,
+     lead_blocks, trail_from, trail_blocks, wrap_blocks) = _query_plan(
         m0, bh, n, num_heads, kv_group, shift_heads, group_size, num_sink, is_s2, BLOCK_M,
         BLOCK_N, BLOCK_S)
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n
     q = _load_rows(Q + b * stride_qb + h * stride_qh, m0, stride_qn, n, True, BLOCK_M, HEAD_DIM)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, m0, stride_don, n, True, BLOCK_M,
                     HEAD_DIM)
