@@ -10,6 +10,10 @@ full). Saves the adapter with ``save_pretrained``.
 import argparse
 import json
 import math
+import os
+import shutil
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -59,7 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", type=Path, required=True,
                    help="where the adapter (adapter_config.json, adapter_model.safetensors), the "
                         "extended base config, the tokenizer and the run's arguments are saved "
-                        "(with --tiny also the random base model, in base_model/)")
+                        "(with --tiny also the random base model, in base_model/), all at once "
+                        "when training ends; a non-empty one needs --overwrite-output-dir")
+    p.add_argument("--overwrite-output-dir", action="store_true",
+                   help="replace what a non-empty --output-dir holds (at the end of the run)")
     p.add_argument("--seq-len", type=int, default=8192,
                    help="tokens per training sequence; RoPE is interpolated to cover it")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
@@ -93,9 +100,12 @@ def parse_args(argv=None):
                         "the PyTorch fallback")
     p.add_argument("--seed", type=int, default=0, help="random seed (model init, batch order)")
     args = p.parse_args(argv)
-    for name in ("seq_len", "batch_size", "grad_accum", "steps"):
+    for name in ("batch_size", "grad_accum", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.seq_len < 2:
+        p.error(f"--seq-len must be >= 2 (each token is trained to predict the next one), got "
+                f"{args.seq_len}")
     if args.warmup_steps < 0:
         p.error("--warmup-steps must be >= 0")
     # Checked here rather than left to torch: a negative clipping norm flips the gradients'
@@ -132,6 +142,10 @@ def parse_args(argv=None):
                 f"not downloaded)")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         p.error(f"--output-dir: {args.output_dir} exists and is not a directory")
+    if (args.output_dir.is_dir() and any(args.output_dir.iterdir())
+            and not args.overwrite_output_dir):
+        p.error(f"--output-dir: {args.output_dir} is not empty; pass --overwrite-output-dir to "
+                f"replace its contents")
     # Every training batch is exactly --seq-len tokens, unpadded, so this is the group size the
     # attention will use; S2-Attn would otherwise fail on the first forward, after the model
     # is built (and, with --tiny, base_model/ written).
@@ -229,20 +243,62 @@ def enable_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _fail(message):
+    """A bad input found after parsing: the parser's one-line error and exit status 2."""
+    print(f"python -m sinklora.train: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _work_dir(output_dir):
+    """A fresh folder beside ``output_dir`` that the run writes into, made before anything is
+    built: an unwritable ``--output-dir`` fails here, not after training."""
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        if output_dir.exists() and not os.access(output_dir, os.W_OK):
+            raise PermissionError(f"{output_dir} is not writable")
+        return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    except OSError as e:
+        _fail(f"--output-dir: cannot write {output_dir}: {e}")
+
+
+def _move_into_place(work, output_dir):
+    """The finished run's folder becomes ``output_dir`` (what was there goes only now)."""
+    old = work.with_name(work.name + ".old")
+    if output_dir.exists():
+        output_dir.rename(old)
+    work.rename(output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def train(args):
-    """Runs the fine-tuning described by ``args``; returns the output directory."""
+    """Runs the fine-tuning described by ``args``; returns the output directory. Everything
+    is written into a temporary folder beside it and moved into place when training ends, so
+    an interrupted or failed run leaves ``--output-dir`` as it was, never a base model and an
+    adapter of two runs."""
     # peft calls transformers' deprecated is_gradient_checkpointing; not ours to fix.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     torch.manual_seed(args.seed)
-    # The corpus is read and cut first: too little text fails before a model is built or a
-    # file written.
+    work = _work_dir(args.output_dir)
+    try:
+        _train(args, work)
+        _move_into_place(work, args.output_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return args.output_dir
+
+
+def _train(args, out):
+    # The corpus is read and cut first: too little text fails before a model is built.
     config, tokenizer, eos = load_base(args)
     tokens = tokenize_corpus(corpus_files(args.data, args.pattern), tokenizer, eos)
-    batches = blocks(tokens, args.seq_len, args.batch_size,
-                     torch.Generator().manual_seed(args.seed))
+    try:
+        batches = blocks(tokens, args.seq_len, args.batch_size,
+                         torch.Generator().manual_seed(args.seed))
+    except ValueError as e:
+        _fail(f"--data: {e}")
     model = build_model(args, config)
     if args.tiny:  # random weights: keep them, or the adapter could never be used again
-        model.save_pretrained(args.output_dir / "base_model")
+        model.save_pretrained(out / "base_model")
     if not args.no_gradient_checkpointing:
         enable_checkpointing(model)
     model = peft.get_peft_model(model, lora_config(r=args.lora_r, alpha=args.lora_alpha))
@@ -277,16 +333,14 @@ def train(args):
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{seen / (time.perf_counter() - start):.0f}")
 
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.output_dir)
-    model.get_base_model().config.save_pretrained(args.output_dir)
+    model.save_pretrained(out)
+    model.get_base_model().config.save_pretrained(out)
     if tokenizer is not None:
-        tokenizer.save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(out)
     run = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     run["data"] = [str(d) for d in args.data]
-    (args.output_dir / "sinklora_train.json").write_text(json.dumps(run, indent=2))
+    (out / "sinklora_train.json").write_text(json.dumps(run, indent=2))
     print(f"final loss {total:.4f}; adapter saved to {args.output_dir}")
-    return args.output_dir
 
 
 def main(argv=None):

@@ -90,6 +90,8 @@ def test_help_explains_every_flag(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--data", "x", "--output-dir", "o"], "--model --tiny"),
     (["--tiny", "--data", "x", "--output-dir", "o", "--seq-len", "0"], "--seq-len"),
+    (["--tiny", "--data", "x", "--output-dir", "o", "--seq-len", "1"],
+     "--seq-len must be >= 2"),
     (["--tiny", "--data", "x", "--output-dir", "o", "--batch-size", "0"], "--batch-size"),
     (["--tiny", "--data", "x", "--output-dir", "o", "--grad-accum", "0"], "--grad-accum"),
     (["--tiny", "--data", "x", "--output-dir", "o", "--steps", "0"], "--steps"),
@@ -158,13 +160,66 @@ def test_bad_flag_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_too_little_text_writes_nothing(tmp_path):
-    """The corpus is cut before the model is built: no base_model/ left behind."""
+def test_too_little_text_writes_nothing(tmp_path, capsys):
+    """The corpus is cut before the model is built: the parser's one-line error and exit
+    status, no base_model/ left behind, no temporary folder either."""
     out, text = tmp_path / "run", tmp_path / "short.txt"
     text.write_text("too short")
-    with pytest.raises(ValueError, match="fewer than --batch-size x --seq-len"):
+    with pytest.raises(SystemExit) as exc:
         train.main(["--tiny", "--data", str(text), "--output-dir", str(out), "--seq-len", "64"])
-    assert not out.exists()
+    assert exc.value.code == 2
+    assert "error: --data: the corpus has" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
+
+
+TINY_RUN = ["--tiny", "--data", str(TEXT), "--seq-len", "64", "--steps", "1",
+            "--no-gradient-checkpointing", "--device", "cpu"]
+
+
+def test_a_used_output_dir_is_refused_and_an_interrupted_run_changes_nothing(tmp_path,
+                                                                            monkeypatch, capsys):
+    """A second run into a used --output-dir needs --overwrite-output-dir; one stopped during
+    training leaves the first run's base model and adapter as they were, and no temporary
+    folder; a finished one replaces them together."""
+    out = tmp_path / "run"
+    train.main(TINY_RUN + ["--output-dir", str(out)])
+    first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exc:
+        train.main(TINY_RUN + ["--output-dir", str(out), "--seed", "1"])
+    assert exc.value.code == 2 and "--overwrite-output-dir" in capsys.readouterr().err
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(TINY_RUN + ["--output-dir", str(out), "--seed", "1",
+                                   "--overwrite-output-dir"])
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+    train.main(TINY_RUN + ["--output-dir", str(out), "--seed", "1", "--overwrite-output-dir"])
+    second = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert second.keys() == first.keys()
+    for name in (Path("adapter_model.safetensors"), Path("base_model/model.safetensors")):
+        assert second[name] != first[name], name  # another seed: both parts replaced
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_an_unwritable_output_dir_fails_before_anything_is_built(tmp_path, monkeypatch, capsys):
+    """An --output-dir that cannot be written (here: below a file) fails before a model is
+    built, with the parser's one-line error."""
+    def never(*args):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(train, "build_model", never)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exc:
+        train.main(TINY_RUN + ["--output-dir", str(blocker / "run")])
+    assert exc.value.code == 2
+    assert "--output-dir: cannot write" in capsys.readouterr().err
 
 
 def test_train_s2_at_a_valid_length(tmp_path):
