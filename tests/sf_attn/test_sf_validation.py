@@ -36,6 +36,9 @@ BAD_TENSORS = {
                   r"q heads \(4\) must be a multiple of k/v heads \(3\)"),
     "empty-seq": (lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0]), ValueError,
                   r"non-empty"),
+    # No query heads: refused as an empty sequence is (it reached torch.cat in the fallback
+    # and made an empty output in the kernels).
+    "no-q-heads": (lambda q, k, v: (q[:, :0], k[:, :1], v[:, :1]), ValueError, r"non-empty"),
     "dtypes": (lambda q, k, v: (q, k.half(), v), TypeError, r"share a dtype"),
 }
 # name -> (keyword arguments replacing the good ones; exception; message pattern).
