@@ -300,10 +300,13 @@ def main(argv=None):
         f"{carried} kernels at the start")
 
     py = sys.executable
+    # The parts share what is left after the last one's grace period: a part killed at the
+    # end of its share is gone by the total, and the summary follows at once.
+    shared = max(args.total - GRACE_S, 1.0)
     results, ends, share_sum = [], {}, 0.0
     for name in SHARES:
         share_sum += SHARES[name]
-        ends[name] = start + args.total * share_sum
+        ends[name] = start + shared * share_sum
     for name in args.parts:
         result = Result(name)
         results.append(result)
