@@ -301,7 +301,8 @@ def _train(args, out):
         model.save_pretrained(out / "base_model")
     if not args.no_gradient_checkpointing:
         enable_checkpointing(model)
-    model = peft.get_peft_model(model, lora_config(r=args.lora_r, alpha=args.lora_alpha))
+    model = peft.get_peft_model(model, lora_config(r=args.lora_r, alpha=args.lora_alpha,
+                                                   model=model))
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # fp32 master copies; the frozen base stays bf16 on GPU
         p.data = p.data.float()

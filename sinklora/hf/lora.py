@@ -11,21 +11,28 @@ from .._checks import check_float, check_int
 # matches module names by suffix, so "norm" covers input_layernorm, post_attention_layernorm
 # and the final norm.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The attention projections of the model families that share Llama's attention call: separate
+# q/k/v/o (Llama, Mistral, Qwen2, Gemma, ...) or a fused qkv (Phi-3).
+FUSED_LORA_TARGETS = ("qkv_proj", "o_proj")
 TRAINABLE_MODULES = ("embed_tokens", "norm")
 
 
-def lora_config(r=8, alpha=16, *, dropout=0.05, target_modules=LORA_TARGETS,
+def lora_config(r=8, alpha=16, *, model=None, dropout=0.05, target_modules=None,
                 trainable_modules=TRAINABLE_MODULES, **kwargs):
     """LongLoRA's LoRA recipe as a ``peft.LoraConfig`` for ``peft.get_peft_model``.
 
-    LoRA of rank ``r`` (8) and scale ``alpha`` (16) on ``q_proj, k_proj, v_proj, o_proj``;
-    the embeddings and all norms trained in full and saved with the adapter
-    (``modules_to_save``), which LongLoRA found necessary for context extension. Causal-LM task,
-    no bias training, LoRA dropout 0.05 as in LongLoRA's scripts.
+    LoRA of rank ``r`` (8) and scale ``alpha`` (16) on the attention projections
+    (``q_proj, k_proj, v_proj, o_proj``; Phi-3's fused ``qkv_proj, o_proj``); the embeddings and
+    all norms trained in full and saved with the adapter (``modules_to_save``), which LongLoRA
+    found necessary for context extension. Causal-LM task, no bias training, LoRA dropout 0.05
+    as in LongLoRA's scripts.
 
     Args:
         r: LoRA rank, int >= 1.
         alpha: LoRA alpha (the update is scaled by ``alpha / r``), positive number.
+        model: the model the config is for: the projections it has are chosen (and
+            ``target_modules``, when given, must all be there), or ``ValueError``. Without
+            it, ``q_proj, k_proj, v_proj, o_proj``.
         dropout: dropout on the LoRA input, in ``[0, 1)``.
         target_modules: module name suffixes that get LoRA, a non-empty iterable of str.
         trainable_modules: module name suffixes trained in full (``modules_to_save``), an
@@ -39,14 +46,38 @@ def lora_config(r=8, alpha=16, *, dropout=0.05, target_modules=LORA_TARGETS,
     dropout = check_float("dropout", dropout)
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    target_modules = _module_names("target_modules", target_modules)
+    if target_modules is not None:
+        target_modules = _module_names("target_modules", target_modules)
+        if not target_modules:
+            raise ValueError("target_modules must name at least one module")
     trainable_modules = _module_names("trainable_modules", trainable_modules)
-    if not target_modules:
-        raise ValueError("target_modules must name at least one module")
+    if model is not None:
+        target_modules = _targets_in(model, target_modules)
+    target_modules = target_modules or list(LORA_TARGETS)
     alpha = int(alpha) if alpha.is_integer() else alpha  # 16, as peft and LongLoRA write it
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules=target_modules, modules_to_save=trainable_modules or None,
                       bias="none", task_type="CAUSAL_LM", **kwargs)
+
+
+def _targets_in(model, wanted):
+    """``wanted`` (default: the attention projections ``model`` has), each checked to name
+    modules of ``model``."""
+    names = [name for name, _ in model.named_modules()]
+    have = {name.rpartition(".")[2] for name in names}
+    if wanted is None:
+        wanted = next((list(t) for t in (LORA_TARGETS, FUSED_LORA_TARGETS) if set(t) <= have),
+                      None)
+        if wanted is None:
+            raise ValueError(f"model ({type(model).__name__}) has none of the attention "
+                             f"projections {LORA_TARGETS} or {FUSED_LORA_TARGETS}; pass "
+                             "target_modules")
+    # peft matches a target to a module name that equals it or ends with "." + it.
+    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"target_modules {missing} name no module of model "
+                         f"({type(model).__name__})")
+    return wanted
 
 
 def _module_names(name, names):

@@ -69,7 +69,6 @@ def test_gradient_checkpointing_backward_matches_plain():
     (dict(target_modules="q_proj"), "target_modules", TypeError),
     (dict(target_modules=()), "target_modules", ValueError),
     (dict(trainable_modules=[3]), "trainable_modules", TypeError),
-    (dict(target_modules=None), "target_modules", TypeError),
     (dict(trainable_modules=None), "trainable_modules", TypeError),
     (dict(target_modules=4), "target_modules", TypeError),
     (dict(trainable_modules="norm"), "trainable_modules", TypeError),
@@ -242,3 +241,28 @@ def test_extend_context_refuses_other_rope_types(rope):
     with pytest.raises(ValueError, match=f"rope_type='{rope['rope_type']}'"):
         sinklora.extend_context(config, 4096)
     assert config.rope_parameters == rope
+
+
+def test_lora_config_finds_the_projections_of_the_model():
+    """Separate q/k/v/o (Llama) or Phi-3's fused qkv_proj: LoRA lands on every attention
+    projection; a model with neither, or a target it does not have, is refused."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=2, vocab_size=64, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2)
+    llama, phi3 = LlamaForCausalLM(LlamaConfig(**small)), Phi3ForCausalLM(Phi3Config(**small))
+    assert sinklora.lora_config(model=llama).target_modules == set(sinklora.hf.lora.LORA_TARGETS)
+    peft_phi3 = peft.get_peft_model(phi3, sinklora.lora_config(model=phi3))
+    with_lora = {n.rpartition(".lora_A")[0].rpartition(".")[2]
+                 for n, _ in peft_phi3.named_parameters() if ".lora_A" in n}
+    assert with_lora == {"qkv_proj", "o_proj"}
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*has none of the attention"):
+        sinklora.lora_config(model=gpt2)
+    with pytest.raises(ValueError, match=r"\['q_proj'\] name no module of model \(Phi3"):
+        sinklora.lora_config(model=Phi3ForCausalLM(Phi3Config(**small)),
+                             target_modules=["qkv_proj", "q_proj"])
+    assert sinklora.lora_config(model=gpt2, target_modules=["c_attn"]).target_modules == {"c_attn"}
+    assert sinklora.lora_config(target_modules=None).target_modules == set(
+        sinklora.hf.lora.LORA_TARGETS)  # no model: Llama's names
