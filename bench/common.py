@@ -104,7 +104,7 @@ def environment(device, **extra):
     ``extra`` entries (the paper experiments' corpus).
 
     ``BENCH_RUN_ID`` names the run instead of the start time, so that several scripts of one
-    device call (``bench/first_light.py``) form one run for the plots and the summary."""
+    GPU run (``bench/first_light.py``) form one run for the plots and the summary."""
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -363,8 +363,8 @@ def timestamp():
 
 
 class Deadline:
-    """Wall-clock budget of a script or a stage of one, so that a GPU run fits the device call
-    it runs in: once it has passed no new shape, provider or run starts. ``None``: no limit."""
+    """Wall-clock budget of a script or a stage of one, so that a GPU run fits in its
+    10 minutes: once it has passed no new shape, provider or run starts. ``None``: no limit."""
 
     def __init__(self, seconds):
         self.end = None if seconds is None else time.monotonic() + seconds

@@ -17,7 +17,7 @@ of time does not stop the next; an unused share of the budget passes on to the l
    --quick``).
 5. ``long``: N = 128k forward + backward with the exact float64 slice check, if time remains.
 
-Everything goes to ``--out`` (``$OUT`` on the device machine): ``first_light.log`` (every
+Everything goes to ``--out`` (default ``$OUT``, the folder a GPU run returns): ``first_light.log`` (every
 part's output as it comes), ``env.json``, the result CSVs as their rows are measured, and
 ``summary.md``: the part table and the target ratios, also printed last. At most 8 files.
 

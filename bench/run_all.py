@@ -14,7 +14,7 @@ import sys
 from bench import common, h2o_decode, plot, sf_attn, summary
 
 QUESTIONS = ("sf_attn", "h2o_decode")
-# Seconds after which no new shape starts: the GPU run must end inside a 10-minute device call
+# Seconds after which no new shape starts: the GPU run must end inside 10 minutes
 # (a provider already started, e.g. a FlexAttention compile, still finishes).
 GPU_BUDGET_S = 420
 CPU_BUDGET_S = 90

@@ -2,7 +2,7 @@
 loads its kernels instead of compiling them on the device's clock.
 
     make warm-gpu-cache          # build/warm-venv with triton 3.6.0, then this module
-    # the device call then carries build/triton-cache (bench/RESULTS.md, "The GPU calls")
+    # the GPU run then takes build/triton-cache along (bench/RESULTS.md, "The GPU calls")
 
 The launches first light makes (the ``gpu_smoke`` tests, the headline shapes, the quick tile
 sweep, N = 128k) are made here on CPU tensors of the same shapes, strides and dtypes, through

@@ -41,7 +41,7 @@ def test_dry_run_through_the_shell_entry(tmp_path):
     assert files == set(first_light.OUT_FILES)
     assert len(files) <= first_light.MAX_OUT_FILES
     assert _summary_rows(out) == dict.fromkeys(first_light.SHARES, "ok")
-    # The summary table comes last in the output, where the device tool's tail keeps it.
+    # The summary table comes last in the output, where a tail of the output still shows it.
     assert "| part | status |" in "\n".join(run.stdout.splitlines()[-30:])
     log = (out / "first_light.log").read_text()
     assert "gpu_smoke" in log and " passed" in log and " failed" not in log
