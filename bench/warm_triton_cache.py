@@ -127,8 +127,8 @@ def headline():
     from bench import sf_attn as sf_bench
 
     cpu = torch.device("cpu")
-    for n in (16384, 32768, 8192):
-        shape = sf_bench.Shape(1, 32, 8, n, 128, n // 4, 4, torch.bfloat16)
+    for shape in sf_bench.shapes(torch.device("cuda"), n_values=(16384, 32768, 8192),
+                                 hkv_values=(8,)):
         q, k, v, do = sf_bench.make_inputs(shape, cpu)
         for pattern in (sf_bench.sf_pattern, sf_bench.s2_pattern, sf_bench.causal_pattern):
             out = sinklora.sf_attention(q, k, v, backend="triton", **pattern(shape))
@@ -144,17 +144,17 @@ def headline():
 
 
 def tune():
-    """``bench.tune_sf --quick``'s candidates at its default shape."""
+    """``bench.tune_sf --quick``'s candidates at its default shape, the headline one."""
     import torch
 
+    from bench import sf_attn as sf_bench
     from bench import tune_sf
     from sinklora.kernels import sf_attn as launchers
 
-    n, d, g, s, hq, hkv = 16384, 128, 4096, 4, 32, 8
-    q = torch.randn(1, hq, n, d, dtype=torch.bfloat16)
-    k, v = (torch.randn(1, hkv, n, d, dtype=torch.bfloat16) for _ in range(2))
-    do = torch.randn_like(q)
-    default = launchers.tiles(d, torch.bfloat16)
+    shape, = sf_bench.shapes(torch.device("cuda"), n_values=(16384,), hkv_values=(8,))
+    g, s, hq, d = shape.G, shape.S, shape.Hq, shape.D
+    q, k, v, do = (t.detach() for t in sf_bench.make_inputs(shape, torch.device("cpu")))
+    default = launchers.tiles(d, shape.dtype)
     for kernel, candidates in tune_sf.QUICK.items():
         for candidate in map(launchers.Tile._make, candidates):
             chosen = {**default, kernel: candidate}

@@ -30,3 +30,12 @@ def build(arch="llama", attn="sdpa", **settings):
     return model
 
 
+
+
+def greedy_generate(model, input_ids, new_tokens, **kwargs):
+    """Exactly ``new_tokens`` greedy tokens after ``input_ids`` and the logits of each step
+    ``[B, new_tokens, vocab]`` (pad id 0)."""
+    out = model.generate(input_ids=input_ids, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    return out.sequences[:, input_ids.shape[1]:], torch.stack(out.logits, dim=1)

@@ -2,7 +2,7 @@
 left-padded batches included, and H2OCache at full budget equals the default generate()."""
 import pytest
 import torch
-from hf_helpers import build, rel_err
+from hf_helpers import build, greedy_generate, rel_err
 
 import sinklora
 from sinklora.hf import CACHE_ARG
@@ -11,10 +11,7 @@ NEW = 12
 
 
 def _generate(model, input_ids, **kwargs):
-    out = model.generate(input_ids=input_ids, max_new_tokens=NEW, min_new_tokens=NEW,
-                         do_sample=False, output_logits=True, return_dict_in_generate=True,
-                         pad_token_id=0, **kwargs)
-    return out.sequences[:, input_ids.shape[1]:], torch.stack(out.logits, dim=1)
+    return greedy_generate(model, input_ids, NEW, **kwargs)
 
 
 @pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])

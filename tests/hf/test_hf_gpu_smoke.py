@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import sinklora
 from conftest import DEVICE, INTERPRETED
-from hf_helpers import rel_err
+from hf_helpers import greedy_generate, rel_err
 from sinklora import hf
 from sinklora.hf import CACHE_ARG
 from sinklora.sf_attn import op
@@ -73,10 +73,7 @@ def test_training_step_under_bf16_autocast(monkeypatch):
 
 
 def _generate(model, input_ids, **kwargs):
-    out = model.generate(input_ids=input_ids, max_new_tokens=NEW, min_new_tokens=NEW,
-                         do_sample=False, output_logits=True, return_dict_in_generate=True,
-                         pad_token_id=0, **kwargs)
-    return out.sequences[:, input_ids.shape[1]:], torch.stack(out.logits, dim=1)
+    return greedy_generate(model, input_ids, NEW, **kwargs)
 
 
 def test_h2o_generate_at_full_budget_equals_the_default_cache():
