@@ -43,7 +43,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TOTAL_S = 540
-# Shares of the total budget, in order; a part's deadline is the end of its cumulative share.
+# Shares of the total budget less GRACE_S, in order; a part's deadline is the end of its
+# cumulative share.
 SHARES = {"env": 0.04, "smoke": 0.27, "headline": 0.44, "tune": 0.17, "long": 0.08}
 # A part that would get less than this is skipped rather than started (GPU; dry run: 1 s).
 MIN_START_S = {"env": 5, "smoke": 30, "headline": 60, "tune": 30, "long": 30}

@@ -217,6 +217,9 @@ def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m
              shift, num_sink, wrap_from, qk_scale, sink_dk_base, sink_dv_base,
              HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, PART: tl.constexpr,
              BLOCK_K: tl.constexpr, start1, count1, start2=0, count2=0, start3=0, count3=0):
+    # d s / d(q k^T) = softmax_scale, folded into ds before the cast to the operands' dtype:
+    # ds alone may pass fp16's range where the gradients fit it.
+    softmax_scale = qk_scale / LOG2E
     for it in range(0, count1 + count2 + count3):
         start_n = _edge_block(it, start1, count1, start2, count2, start3, BLOCK_K)
         offs_n = start_n + tl.arange(0, BLOCK_K)
@@ -229,9 +232,7 @@ def _dq_part(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m
                               wrap_from, n, wrap_block=it >= count1 + count2)
             p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        # d s / d(q k^T) = softmax_scale, folded in before the cast to the operands' dtype:
-        # ds alone may pass fp16's range where the gradients fit it.
-        ds = p * (dp - delta[:, None]) * (qk_scale / LOG2E)
+        ds = p * (dp - delta[:, None]) * softmax_scale
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if PART == SINK:
             # This query block's share of the sink keys' dk/dv; reduced over blocks on the host.
@@ -301,6 +302,7 @@ def _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, s
                DOT_PRECISION: tl.constexpr, PART: tl.constexpr, BLOCK_Q: tl.constexpr, start1,
                count1, start2=0, count2=0, start3=0, count3=0):
     # No sink part here (the dq programs cover the sink keys), so no num_sink.
+    softmax_scale = qk_scale / LOG2E  # folded into ds before the cast, as in _dq_part
     for it in range(0, count1 + count2 + count3):
         start_m = _edge_block(it, start1, count1, start2, count2, start3, BLOCK_Q)
         offs_m = start_m + tl.arange(0, BLOCK_Q)
@@ -322,7 +324,7 @@ def _dkdv_part(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, s
             pt = tl.where(mask, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :]) * (qk_scale / LOG2E)  # scaled before the cast, as dq
+        dst = pt * (dpt - delta[None, :]) * softmax_scale
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
